@@ -1,0 +1,127 @@
+"""HTTP routes only: parse the request, call the service, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any, Awaitable, TypeVar
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from .envelope import error_responses
+from .errors import ClientClosedError, NotReadyError
+from .imaging import ACCEPTED_TEXT
+from .protocol import ErrorBody, HealthResponse, InferResponse, MetricsResponse, ServiceInfo
+from .requestid import current_request_id
+from .serving import InferenceService, InferParams
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+T = TypeVar("T")
+
+
+def get_service(request: Request) -> InferenceService:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[InferenceService, Depends(get_service)]
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` but cancel it if the client disconnects, so its queue slot and the device are freed."""
+    task = asyncio.ensure_future(work)
+    disconnected = asyncio.Event()
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if disconnected.is_set():
+            logger.info("client disconnected; request abandoned")
+            raise ClientClosedError("client disconnected") from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+@router.post(
+    "/infer",
+    response_model=InferResponse,
+    summary="Extract the steps and roles of a process diagram as a markdown table",
+    description=f"Upload a diagram as multipart field `file`. Accepted formats: {ACCEPTED_TEXT}. "
+    "Greedy decoding: the same image and prompt give the same table.",
+    operation_id="infer_diagram",
+    tags=["inference"],
+    responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504),
+)
+async def infer_diagram(
+    request: Request,
+    service: ServiceDep,
+    file: Annotated[UploadFile, File(description=f"the diagram image ({ACCEPTED_TEXT})")],
+    prompt: Annotated[str | None, Form(description="override the instruction for this request",
+                                       max_length=4000)] = None,
+    max_new_tokens: Annotated[int | None, Form(ge=1, description="cap on generated tokens, up to MAX_NEW_TOKENS")]
+    = None,
+    page: Annotated[int, Form(ge=1, le=10_000, description="PDF page to read (1-based)")] = 1,
+) -> InferResponse:
+    ticket = request.state.ticket
+    data = await file.read()
+    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, page=page)
+    return await _until_disconnect(request, service.infer(data, params, ticket))
+
+
+def _status_response(model: Any, ready: bool, error: NotReadyError | None = None) -> Any:
+    if ready:
+        return model
+    body = model.model_dump()
+    if error is not None:
+        body["error"] = ErrorBody(type=error.error_type, message=error.message,
+                                  request_id=current_request_id()).model_dump()
+    return JSONResponse(body, status_code=503, headers=error.headers if error else None)
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    summary="Readiness: 200 only when the model is loaded, merged, verified and warmed up",
+    operation_id="read_health",
+    tags=["operations"],
+    responses={503: {"model": HealthResponse, "description": "loading, failed or draining"}},
+)
+async def read_health(service: ServiceDep) -> Any:
+    health = service.health()
+    if health.status == "healthy":
+        return health
+    message = {
+        "loading": "the model is still loading",
+        "failed": f"the model failed to load: {health.reason}",
+        "draining": "the service is shutting down",
+    }.get(health.status, health.status)
+    return _status_response(health, False, NotReadyError(message, headers={"Retry-After": "10"}))
+
+
+@router.get(
+    "/metrics",
+    response_model=MetricsResponse,
+    summary="Inference counters and timings (JSON)",
+    operation_id="read_metrics",
+    tags=["operations"],
+    responses=error_responses(401),
+)
+async def read_metrics(service: ServiceDep) -> MetricsResponse:
+    return service.metrics()
+
+
+@router.get("/", response_model=ServiceInfo, summary="What this service is and where to look next",
+            operation_id="read_root", tags=["operations"])
+async def read_root(service: ServiceDep) -> ServiceInfo:
+    return service.info()

@@ -1,0 +1,78 @@
+"""Choose the torch device and dtype for a request like DEVICE=auto / TORCH_DTYPE=auto, with honest fallbacks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .settings import Device, TorchDType
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    TorchDType.float16: torch.float16,
+    TorchDType.bfloat16: torch.bfloat16,
+    TorchDType.float32: torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model runs and in which precision, plus the warnings that led there."""
+
+    device: str
+    dtype: torch.dtype
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def resolve_device(requested: Device) -> tuple[str, list[str]]:
+    """Return the device to use and any warnings (an unavailable explicit device falls back to cpu)."""
+    if requested == Device.auto:
+        if torch.cuda.is_available():
+            return "cuda", []
+        return ("mps", []) if _mps_available() else ("cpu", [])
+    available = {Device.cuda: torch.cuda.is_available, Device.mps: _mps_available, Device.cpu: lambda: True}
+    if available[requested]():
+        return requested.value, []
+    return "cpu", [f"DEVICE={requested.value} requested but {requested.value} is not available; falling back to cpu"]
+
+
+def resolve_dtype(device: str, requested: TorchDType) -> tuple[torch.dtype, list[str]]:
+    """Return a dtype that runs (and runs fast) on ``device``, with warnings for any substitution."""
+    cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    if requested == TorchDType.auto:
+        if device == "cuda":
+            return (torch.bfloat16 if cuda_bf16 else torch.float16), []
+        if device == "mps":
+            return torch.float16, []
+        # CPU: this machine has no native half-precision matmul; bf16/fp16 are emulated and make the
+        # image prefill 4-5x slower (README, "Choice of dtype on CPU"), so fp32 wins end to end.
+        return torch.float32, []
+    dtype = _DTYPES[requested]
+    if dtype == torch.bfloat16 and device == "cuda" and not cuda_bf16:
+        return torch.float16, ["TORCH_DTYPE=bfloat16 is not supported by this GPU; using float16"]
+    if dtype == torch.bfloat16 and device == "mps":
+        return torch.float16, ["TORCH_DTYPE=bfloat16 is not reliable on mps; using float16"]
+    if dtype != torch.float32 and device == "cpu":
+        return dtype, [f"TORCH_DTYPE={requested.value} on cpu is emulated and slow; float32 is faster here"]
+    return dtype, []
+
+
+def resolve_placement(device: Device, dtype: TorchDType) -> Placement:
+    """Resolve both and log each fallback once, as a WARNING."""
+    chosen_device, device_warnings = resolve_device(device)
+    chosen_dtype, dtype_warnings = resolve_dtype(chosen_device, dtype)
+    warnings = tuple(device_warnings + dtype_warnings)
+    for message in warnings:
+        logger.warning(message)
+    return Placement(chosen_device, chosen_dtype, warnings)

@@ -1,0 +1,79 @@
+"""One error envelope for every failure: {"error": {"type", "message", "request_id"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import (InvalidRequestError, MethodNotAllowedError, MissingFieldError, NotFoundError,
+                     ServiceError)
+from .protocol import ErrorResponse
+from .requestid import current_request_id
+
+logger = logging.getLogger(__name__)
+
+_DESCRIPTIONS = {
+    400: "Invalid input: undecodable image, unreadable PDF, bad form value",
+    401: "Missing or wrong API key",
+    404: "No such route",
+    413: "Upload over MAX_UPLOAD_MB, or image over the decoded-pixel limit",
+    415: "Not an accepted image/PDF format",
+    422: "A required form field is missing",
+    500: "Internal error (details in the service log, under the request id)",
+    503: "Model not ready, draining, or the wait queue is full (see Retry-After)",
+    504: "The request passed its deadline (REQUEST_TIMEOUT_S)",
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entry documenting these statuses with the envelope schema."""
+    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in status_codes}
+
+
+def envelope(error: ServiceError) -> dict[str, Any]:
+    return {"error": {"type": error.error_type, "message": error.message, "request_id": current_request_id()}}
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(envelope(error), status_code=error.status_code, headers=error.headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> ServiceError:
+    problems = list(exc.errors())
+    missing = [str(p["loc"][-1]) for p in problems if p.get("type") == "missing"]
+    if missing:
+        return MissingFieldError(f"required multipart form field missing: {', '.join(missing)}")
+    details = "; ".join(f"{p['loc'][-1]}: {p['msg']}" for p in problems)
+    return InvalidRequestError(f"invalid form value - {details}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        mapped: ServiceError
+        if exc.status_code == 404:
+            mapped = NotFoundError(f"no route {request.method} {request.url.path}; see /docs")
+        elif exc.status_code == 405:
+            mapped = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}; see /docs")
+        else:
+            mapped = InvalidRequestError(str(exc.detail))
+            mapped.status_code = exc.status_code if 400 <= exc.status_code < 500 else 400
+        return error_response(mapped)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(ServiceError())

@@ -1,0 +1,67 @@
+"""The service's error taxonomy: each class fixes one HTTP status and one machine-readable type."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see. ``message`` is safe to show; internals never go in it."""
+
+    status_code = 500
+    error_type = "internal_error"
+    default_message = "internal error; the request id is in the service log"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        super().__init__(message or self.default_message)
+        self.message = message or self.default_message
+        self.headers = headers or {}
+
+
+class InvalidRequestError(ServiceError):
+    status_code, error_type = 400, "invalid_request"
+
+
+class InvalidImageError(ServiceError):
+    status_code, error_type = 400, "invalid_image"
+
+
+class UnauthorizedError(ServiceError):
+    status_code, error_type = 401, "unauthorized"
+    default_message = "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+
+
+class NotFoundError(ServiceError):
+    status_code, error_type = 404, "not_found"
+
+
+class MethodNotAllowedError(ServiceError):
+    status_code, error_type = 405, "method_not_allowed"
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code, error_type = 413, "payload_too_large"
+
+
+class UnsupportedMediaError(ServiceError):
+    status_code, error_type = 415, "unsupported_media_type"
+
+
+class MissingFieldError(ServiceError):
+    status_code, error_type = 422, "missing_field"
+
+
+class NotReadyError(ServiceError):
+    status_code, error_type = 503, "not_ready"
+
+
+class OverloadedError(ServiceError):
+    status_code, error_type = 503, "overloaded"
+
+
+class DeadlineExceededError(ServiceError):
+    status_code, error_type = 504, "timeout"
+
+
+class ClientClosedError(ServiceError):
+    """The client went away before the answer (nginx's 499); only logs and metrics ever see it."""
+
+    status_code, error_type = 499, "client_closed_request"

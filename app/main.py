@@ -1,0 +1,58 @@
+"""Application factory: cheap to import; the model loads in the background once the server runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from . import SERVICE_NAME, __version__
+from .api import router
+from .envelope import install_error_handlers
+from .gate import InferGate
+from .requestid import RequestIdMiddleware
+from .serving import InferenceService
+from .settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, service: InferenceService | None = None) -> FastAPI:
+    """Build the app. Pass ``service`` to inject a fake engine/runner in tests."""
+    settings = settings or (service.settings if service else load_settings())
+    service = service or InferenceService(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: the port answers /health (503 loading) while weights load.
+        loading = asyncio.create_task(service.start(), name="model-load")
+        try:
+            yield
+        finally:
+            service.runner.begin_drain()
+            if not await service.runner.wait_idle(settings.shutdown_grace_s):
+                logger.warning("shutdown grace period (%.0f s) over with requests still running",
+                               settings.shutdown_grace_s)
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            service.runner.close()
+
+    app = FastAPI(
+        title=SERVICE_NAME,
+        version=__version__,
+        description="Turns a picture of a process diagram (BPMN, swimlanes, flowcharts) into a markdown table "
+        "of its steps and roles, with Qwen3-VL and a merged LoRA adapter.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    # Added last = outermost: the request id exists before the gate may refuse the request.
+    app.add_middleware(InferGate, service_getter=lambda: app.state.service)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,86 @@
+"""Pydantic models of every response: the OpenAPI spec is the contract."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="machine-readable error class, snake_case", examples=["invalid_image"])
+    message: str = Field(description="what is wrong and what to do")
+    request_id: str | None = Field(None, description="quote it when reporting a problem")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class InferMetadata(BaseModel):
+    request_id: str | None
+    inference_time: float = Field(description="seconds from admission to answer, queue wait included")
+    generation_time: float = Field(description="seconds spent in generate()")
+    preprocess_time: float = Field(description="seconds decoding the upload and building model inputs")
+    queue_time: float = Field(description="seconds waited for the model")
+    image_size: list[int] = Field(description="[width, height] as received", examples=[[1024, 768]])
+    model_image_size: list[int] = Field(description="[width, height] actually fed to the model")
+    image_tokens: int = Field(description="vision tokens the image took in the prompt")
+    source_format: str = Field(description="format detected from the bytes", examples=["PNG"])
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = Field(description="stop: the model ended the answer; length: cut at max_new_tokens")
+    max_new_tokens: int
+    model: str
+    adapter: str | None = Field(description="adapter folder merged into the model, or null for the base model")
+    device: str
+    dtype: str
+
+
+class InferResponse(BaseModel):
+    description: str = Field(description="the model's answer: a markdown table of steps and roles",
+                             examples=["| № | Наименование действия | Роль |\n|---|---|---|\n| 1 | Принять заявку | "
+                                       "Менеджер |"])
+    metadata: InferMetadata
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="healthy | loading | failed | draining", examples=["healthy"])
+    model_loaded: bool
+    processor_loaded: bool
+    model: str
+    adapter: str | None
+    adapter_modules_merged: int | None
+    device: str | None
+    dtype: str | None
+    model_load_time: float | None = Field(description="seconds from start of load to ready")
+    reason: str | None = Field(None, description="why the load failed (status=failed)")
+    queue_depth: int
+    in_flight: int
+    error: ErrorBody | None = Field(None, description="set whenever the status code is not 200")
+
+
+class MetricsResponse(BaseModel):
+    inference_count: int
+    total_inference_time: float
+    avg_inference_time: float
+    model_load_time: float | None
+    gpu_memory_allocated_gb: float | None
+    gpu_memory_reserved_gb: float | None
+    failed_count: int
+    rejected_count: int
+    prompt_tokens_total: int
+    completion_tokens_total: int
+    queue_depth: int
+    in_flight: int
+
+
+class ServiceInfo(BaseModel):
+    service: str
+    version: str
+    status: str
+    model: str
+    adapter: str | None
+    device: str | None
+    dtype: str | None
+    docs: str = "/docs"
+    health: str = "/health"
+    metrics: str = "/metrics"

@@ -1,0 +1,170 @@
+"""Request -> decoded image -> engine -> response. The service object the routes talk to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from .device import Placement, resolve_placement
+from .engine import Engine, GenerationResult, ServingDefaults
+from .errors import InvalidRequestError, ServiceError
+from .imaging import PreparedImage, prepare_image
+from .loader import load_model
+from .protocol import HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo
+from .requestid import current_request_id
+from .runner import ModelState, Runner, Ticket
+from .settings import Settings
+from .stats import InferenceStats, gpu_memory_gb
+
+from . import SERVICE_NAME, __version__
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferParams:
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    page: int = 1
+
+
+class InferenceService:
+    """Owns the runner and the counters; knows nothing about HTTP."""
+
+    def __init__(self, settings: Settings, runner: Runner | None = None):
+        self.settings = settings
+        self.runner = runner or Runner(settings.max_queue)
+        self.stats = InferenceStats()
+        self.placement: Placement | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def build_engine(self) -> Engine:
+        """Blocking: load, merge, verify and warm up. Runs on the model thread."""
+        self.placement = resolve_placement(self.settings.device, self.settings.torch_dtype)
+        loaded = load_model(self.settings, self.placement)
+        engine = Engine(loaded, ServingDefaults.from_sources(self.settings, loaded.params))
+        if self.settings.warmup:
+            started = time.perf_counter()
+            engine.warmup()
+            logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
+        return engine
+
+    async def start(self) -> None:
+        await self.runner.load(self.build_engine)
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.runner.engine
+
+    # --- inference -------------------------------------------------------------------------------
+    async def infer(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
+        engine = self.runner.engine
+        prompt, max_new_tokens = self._request_options(engine, params)
+        started = ticket.admitted_at
+        try:
+            prepared = await asyncio.to_thread(
+                prepare_image, data, engine.geometry, page=params.page,
+                max_decoded_pixels=self.settings.max_decoded_pixels,
+            )
+            decoded = time.perf_counter()
+            on_device: list[float] = []
+            result: GenerationResult = await self.runner.run(
+                lambda cancel: engine.generate(prepared.image, prompt, max_new_tokens, cancel),
+                on_start=lambda: on_device.append(time.perf_counter()),
+            )
+        except ServiceError:
+            self.stats.failed_count += 1
+            raise
+        finished = time.perf_counter()
+        self.stats.record_success(finished - started, result.prompt_tokens, result.completion_tokens)
+        queue_time = (on_device[0] - decoded) if on_device else 0.0
+        return InferResponse(
+            description=result.text,
+            metadata=self._metadata(engine, prepared, result, finished - started, queue_time,
+                                    (decoded - started) + result.preprocess_time_s, max_new_tokens),
+        )
+
+    def _request_options(self, engine: Engine, params: InferParams) -> tuple[str, int]:
+        defaults = engine.defaults
+        prompt = params.prompt if params.prompt and params.prompt.strip() else defaults.prompt
+        max_new_tokens = params.max_new_tokens or defaults.max_new_tokens
+        if max_new_tokens > self.settings.max_new_tokens:
+            raise InvalidRequestError(
+                f"max_new_tokens={max_new_tokens} is over this service's limit of {self.settings.max_new_tokens}"
+            )
+        return prompt, max_new_tokens
+
+    def _metadata(self, engine: Engine, prepared: PreparedImage, result: GenerationResult, total_s: float,
+                  queue_s: float, preprocess_s: float, max_new_tokens: int) -> InferMetadata:
+        loaded = engine.loaded
+        return InferMetadata(
+            request_id=current_request_id(),
+            inference_time=round(total_s, 4),
+            generation_time=round(result.generation_time_s, 4),
+            preprocess_time=round(preprocess_s, 4),
+            queue_time=round(queue_s, 4),
+            image_size=list(prepared.received_size),
+            model_image_size=list(prepared.model_size),
+            image_tokens=result.image_tokens,
+            source_format=prepared.source_format,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason,
+            max_new_tokens=max_new_tokens,
+            model=loaded.model_id,
+            adapter=loaded.adapter.path if loaded.adapter else None,
+            device=loaded.placement.device,
+            dtype=loaded.placement.dtype_name,
+        )
+
+    # --- status views ----------------------------------------------------------------------------
+    def _adapter(self) -> str | None:
+        engine = self.runner.engine
+        return engine.loaded.adapter.path if engine and engine.loaded.adapter else None
+
+    def health(self) -> HealthResponse:
+        runner, engine, placement = self.runner, self.runner.engine, self.placement
+        return HealthResponse(
+            status="healthy" if runner.state == ModelState.ready else runner.state.value,
+            model_loaded=engine is not None,
+            processor_loaded=engine is not None,
+            model=self.settings.base_model_id,
+            adapter=self._adapter(),
+            adapter_modules_merged=engine.loaded.adapter.merged_modules if engine and engine.loaded.adapter
+            else None,
+            device=placement.device if placement else None,
+            dtype=placement.dtype_name if placement else None,
+            model_load_time=round(runner.load_time_s, 3) if runner.load_time_s is not None else None,
+            reason=runner.failure_reason,
+            queue_depth=runner.queue_depth,
+            in_flight=runner.in_flight,
+        )
+
+    def metrics(self) -> MetricsResponse:
+        allocated, reserved = gpu_memory_gb()
+        stats = self.stats
+        return MetricsResponse(
+            inference_count=stats.inference_count,
+            total_inference_time=round(stats.total_inference_time, 4),
+            avg_inference_time=round(stats.avg_inference_time, 4),
+            model_load_time=self.runner.load_time_s,
+            gpu_memory_allocated_gb=allocated,
+            gpu_memory_reserved_gb=reserved,
+            failed_count=stats.failed_count,
+            rejected_count=stats.rejected_count,
+            prompt_tokens_total=stats.prompt_tokens,
+            completion_tokens_total=stats.completion_tokens,
+            queue_depth=self.runner.queue_depth,
+            in_flight=self.runner.in_flight,
+        )
+
+    def info(self) -> ServiceInfo:
+        placement = self.placement
+        health_status = self.health().status
+        return ServiceInfo(
+            service=SERVICE_NAME, version=__version__, status=health_status, model=self.settings.base_model_id,
+            adapter=self._adapter(), device=placement.device if placement else None,
+            dtype=placement.dtype_name if placement else None,
+        )

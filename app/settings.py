@@ -1,0 +1,111 @@
+"""Typed service settings, read from the environment and validated at startup."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PROMPT = (
+    "Извлеки из диаграммы бизнес-процесса все действия (шаги) и роли (исполнителей). "
+    "Верни только таблицу в формате markdown с колонками: № | Наименование действия | Роль. "
+    "Перечисли действия в порядке их выполнения по диаграмме."
+)
+DEMO_MODEL_ID = "demo"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    mps = "mps"
+    cpu = "cpu"
+
+
+class TorchDType(str, Enum):
+    auto = "auto"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class LogLevel(str, Enum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variable = field name in upper case."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", use_enum_values=False)
+
+    base_model_id: str = Field("Qwen/Qwen3-VL-2B-Instruct", min_length=1,
+                               description="Hub id or local folder of the base model; 'demo' = offline tiny model")
+    model_revision: str | None = Field(None, description="branch, tag or commit of a Hub model")
+    adapter_path: Path = Field(Path("/app/models/weights"), description="folder of the LoRA adapter")
+    device: Device = Device.auto
+    torch_dtype: TorchDType = TorchDType.auto
+    max_new_tokens: int = Field(384, ge=1, le=8192, description="cap on generated tokens per request")
+    prompt: str = Field(DEFAULT_PROMPT, min_length=1)
+    hf_home: str | None = Field(None, description="Hugging Face cache root (read by huggingface_hub itself)")
+    host: str = "0.0.0.0"
+    port: int = Field(8002, ge=1, le=65535)
+    log_level: LogLevel = LogLevel.INFO
+    max_queue: int = Field(8, ge=0, le=10_000, description="requests allowed to wait behind the running one")
+    max_image_tokens: int = Field(1024, ge=4, le=16_384,
+                                  description="vision-token budget per image (one token per 32x32 px)")
+    max_decoded_pixels: int = Field(50_000_000, ge=10_000, description="decompression-bomb limit, in pixels")
+    max_upload_mb: float = Field(20.0, gt=0, le=1024, description="largest accepted upload body, in MiB")
+    request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline, queue wait included")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
+    api_key: str | None = Field(None, description="when set, /infer requires it")
+    metrics_require_key: bool = Field(False, description="also require API_KEY on /metrics")
+    warmup: bool = Field(True, description="run one generation before reporting ready")
+    demo_dir: Path = Field(Path.home() / ".cache" / "vlm-inference" / "demo",
+                           description="where BASE_MODEL_ID=demo builds the tiny model")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_key", "hf_home", "model_revision", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.base_model_id == DEMO_MODEL_ID
+
+    def explicitly_set(self, name: str) -> bool:
+        """True when the operator set this field (environment or constructor), not left it at its default."""
+        return name in self.model_fields_set
+
+
+class SettingsError(Exception):
+    """The environment holds an invalid setting; the message is one readable line per problem."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's error into lines like: invalid DEVICE='gpu': Input should be 'auto', 'cuda', ..."""
+    lines = []
+    for item in error.errors():
+        name = "_".join(str(part) for part in item["loc"]).upper() or "settings"
+        lines.append(f"invalid {name}={item.get('input')!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (overrides win); raise SettingsError with a readable message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None
