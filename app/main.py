@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
-            service.runner.close()
+            service.close()
 
     app = FastAPI(
         title=SERVICE_NAME,

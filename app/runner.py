@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 
@@ -72,11 +72,13 @@ class Runner:
     def in_flight(self) -> int:
         return self._running
 
-    async def load(self, load_engine: Callable[[], Any]) -> None:
-        """Build the engine on the model thread; flip to ready or failed. Never raises."""
+    async def load(self, load_engine: Callable[[], Any], *alongside: Awaitable[Any]) -> None:
+        """Build the engine on the model thread (and await ``alongside`` meanwhile); flip to ready or
+        failed. Never raises."""
         started = time.perf_counter()
         try:
-            engine = await asyncio.get_running_loop().run_in_executor(self._executor, load_engine)
+            loading = asyncio.get_running_loop().run_in_executor(self._executor, load_engine)
+            engine, *_ = await asyncio.gather(loading, *alongside)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # any load failure is reported by /health, not raised

@@ -6,11 +6,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .device import Placement, resolve_placement
 from .engine import Engine, GenerationResult, ServingDefaults
 from .errors import InvalidRequestError, ServiceError
-from .imaging import PreparedImage, prepare_image
+from .decoder import DecoderPool
+from .imaging import PreparedImage
 from .loader import load_model
 from .protocol import HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo
 from .requestid import current_request_id
@@ -33,9 +35,12 @@ class InferParams:
 class InferenceService:
     """Owns the runner and the counters; knows nothing about HTTP."""
 
-    def __init__(self, settings: Settings, runner: Runner | None = None):
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None):
         self.settings = settings
-        self.runner = runner or Runner(settings.max_queue)
+        self.runner = Runner(settings.max_queue)
+        # Tests inject a fake factory where HTTP behaviour, not the model, is the point.
+        self.engine_factory = engine_factory or self.build_engine
+        self.decoder = DecoderPool(settings.decode_workers)
         self.stats = InferenceStats()
         self.placement: Placement | None = None
 
@@ -52,7 +57,11 @@ class InferenceService:
         return engine
 
     async def start(self) -> None:
-        await self.runner.load(self.build_engine)
+        await self.runner.load(self.engine_factory, self.decoder.warm())
+
+    def close(self) -> None:
+        self.runner.close()
+        self.decoder.close()
 
     @property
     def engine(self) -> Engine | None:
@@ -63,15 +72,14 @@ class InferenceService:
         engine = self.runner.engine
         prompt, max_new_tokens = self._request_options(engine, params)
         started = ticket.admitted_at
+        deadline = started + self.settings.request_timeout_s
         try:
-            prepared = await asyncio.to_thread(
-                prepare_image, data, engine.geometry, page=params.page,
-                max_decoded_pixels=self.settings.max_decoded_pixels,
-            )
+            prepared = await self._decode(data, engine, params.page, deadline)
             decoded = time.perf_counter()
             on_device: list[float] = []
             result: GenerationResult = await self.runner.run(
                 lambda cancel: engine.generate(prepared.image, prompt, max_new_tokens, cancel),
+                timeout_s=max(deadline - decoded, 0.001),
                 on_start=lambda: on_device.append(time.perf_counter()),
             )
         except ServiceError:
@@ -84,6 +92,13 @@ class InferenceService:
             description=result.text,
             metadata=self._metadata(engine, prepared, result, finished - started, queue_time,
                                     (decoded - started) + result.preprocess_time_s, max_new_tokens),
+        )
+
+    async def _decode(self, data: bytes, engine: Engine, page: int, deadline: float) -> PreparedImage:
+        """Decode in a worker process, within the request's deadline."""
+        return await self.decoder.prepare(
+            data, engine.geometry, page=page, max_decoded_pixels=self.settings.max_decoded_pixels,
+            timeout_s=max(deadline - time.perf_counter(), 0.001),
         )
 
     def _request_options(self, engine: Engine, params: InferParams) -> tuple[str, int]:

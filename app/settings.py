@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     max_image_tokens: int = Field(1024, ge=4, le=16_384,
                                   description="vision-token budget per image (one token per 32x32 px)")
     max_decoded_pixels: int = Field(50_000_000, ge=10_000, description="decompression-bomb limit, in pixels")
+    decode_workers: int = Field(2, ge=1, le=64, description="processes that decode uploads")
     max_upload_mb: float = Field(20.0, gt=0, le=1024, description="largest accepted upload body, in MiB")
     request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline, queue wait included")
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")

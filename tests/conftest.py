@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The tests never reach the Hub: fail fast instead of waiting on a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The offline tiny Qwen3-VL and its LoRA adapter, built once per test session."""
+    from app.demo import build
+
+    return build(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def tiny_settings(tiny_model_dir):
+    """Settings for the tiny model; extend with ``tiny_settings(**overrides)``."""
+    from app.settings import Settings
+
+    def make(**overrides) -> Settings:
+        values = {
+            "base_model_id": str(tiny_model_dir / "base-model"),
+            "adapter_path": tiny_model_dir / "weights",
+            "device": "cpu",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make

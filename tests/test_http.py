@@ -1,0 +1,201 @@
+"""HTTP behaviour with a fake engine: readiness, load failure, responsiveness, admission, deadlines."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.serving import InferenceService
+from app.settings import Settings
+
+from .helpers import TABLE, FakeEngine, diagram_png, fake_factory, wait_for_status
+
+
+def make_client(engine=None, load_s=0.0, error=None, **settings) -> TestClient:
+    service = InferenceService(Settings(**settings), engine_factory=fake_factory(engine, load_s, error))
+    return TestClient(create_app(service=service), raise_server_exceptions=False)
+
+
+def post_png(client, **data):
+    return client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")}, data=data)
+
+
+def test_slow_load_reports_loading_then_healthy():
+    with make_client(load_s=1.0) as client:
+        first = client.get("/health")
+        assert first.status_code == 503
+        assert first.json()["status"] == "loading"
+        assert first.json()["error"]["type"] == "not_ready"
+        refused = post_png(client)
+        assert refused.status_code == 503 and "Retry-After" in refused.headers
+        wait_for_status(client, "healthy")
+        ready = client.get("/health")
+        assert ready.status_code == 200 and ready.json()["model_loaded"] is True
+
+
+def test_failed_load_reports_failed_with_one_line_reason():
+    with make_client(error=RuntimeError("weights corrupt\nTraceback (most recent call last): ...")) as client:
+        body = wait_for_status(client, "failed")
+        response = client.get("/health")
+        assert response.status_code == 503
+        assert body["reason"] == "RuntimeError: weights corrupt"
+        assert "Traceback" not in response.text
+        assert post_png(client).status_code == 503
+
+
+def test_health_answers_fast_while_generation_runs():
+    with make_client(engine=FakeEngine(generate_s=3.0)) as client:
+        wait_for_status(client, "healthy")
+        outcome = {}
+        worker = threading.Thread(target=lambda: outcome.setdefault("r", post_png(client)))
+        worker.start()
+        time.sleep(0.5)
+        started = time.perf_counter()
+        health = client.get("/health")
+        metrics = client.get("/metrics")
+        elapsed = time.perf_counter() - started
+        assert health.status_code == 200 and metrics.status_code == 200
+        assert health.json()["in_flight"] == 1
+        assert elapsed < 1.0
+        worker.join()
+        assert outcome["r"].status_code == 200
+        assert outcome["r"].json()["description"] == TABLE
+
+
+def test_queue_full_is_refused_at_once_with_retry_after():
+    engine = FakeEngine(generate_s=2.0)
+    with make_client(engine=engine, max_queue=0) as client:
+        wait_for_status(client, "healthy")
+        worker = threading.Thread(target=lambda: post_png(client))
+        worker.start()
+        time.sleep(0.5)
+        started = time.perf_counter()
+        refused = post_png(client)
+        assert time.perf_counter() - started < 1.0
+        assert refused.status_code == 503
+        assert refused.json()["error"]["type"] == "overloaded"
+        assert int(refused.headers["Retry-After"]) >= 1
+        worker.join()
+        assert client.get("/metrics").json()["rejected_count"] == 1
+
+
+def test_deadline_returns_504_and_frees_the_model():
+    engine = FakeEngine(generate_s=5.0)
+    with make_client(engine=engine, request_timeout_s=0.5) as client:
+        wait_for_status(client, "healthy")
+        started = time.perf_counter()
+        response = post_png(client)
+        assert response.status_code == 504
+        assert response.json()["error"]["type"] == "timeout"
+        engine.generate_s = 0.0
+        follow_up = post_png(client)
+        assert follow_up.status_code == 200
+        # The cancelled generation stopped at its next step instead of running its 5 s out.
+        assert time.perf_counter() - started < 2.5
+
+
+def test_every_error_uses_the_envelope_and_echoes_the_request_id():
+    with make_client() as client:
+        wait_for_status(client, "healthy")
+        cases = [
+            client.get("/nope"),
+            client.post("/infer"),
+            client.delete("/health"),
+            client.post("/infer", files={"file": ("x.txt", b"hello world", "text/plain")}),
+            post_png(client, max_new_tokens="many"),
+        ]
+        for response in cases:
+            body = response.json()
+            assert set(body) == {"error"}, body
+            assert set(body["error"]) == {"type", "message", "request_id"}
+            assert body["error"]["request_id"] == response.headers["X-Request-ID"]
+        assert [r.status_code for r in cases] == [404, 422, 405, 415, 400]
+        assert "file" in cases[1].json()["error"]["message"]
+        assert "PNG" in cases[3].json()["error"]["message"]
+
+
+def test_request_id_is_taken_from_the_client_and_sanitized():
+    with make_client() as client:
+        wait_for_status(client, "healthy")
+        response = post_png(client, **{})
+        assert response.json()["metadata"]["request_id"] == response.headers["X-Request-ID"]
+        tagged = client.get("/", headers={"X-Request-ID": "abc-123<script>"})
+        assert tagged.headers["X-Request-ID"] == "abc-123script"
+
+
+def test_max_new_tokens_over_the_limit_is_a_400():
+    with make_client(max_new_tokens=32) as client:
+        wait_for_status(client, "healthy")
+        response = post_png(client, max_new_tokens="64")
+        assert response.status_code == 400
+        assert "max_new_tokens" in response.json()["error"]["message"]
+
+
+def test_root_lists_service_and_links():
+    with make_client() as client:
+        wait_for_status(client, "healthy")
+        body = client.get("/").json()
+        assert body["service"] == "vlm-inference"
+        assert body["docs"] == "/docs" and body["health"] == "/health" and body["metrics"] == "/metrics"
+
+
+def test_openapi_documents_routes_and_errors():
+    with make_client() as client:
+        spec = client.get("/openapi.json").json()
+        infer = spec["paths"]["/infer"]["post"]
+        assert infer["operationId"] == "infer_diagram"
+        assert {"400", "413", "415", "422", "503", "504"} <= set(infer["responses"])
+        schema_ref = infer["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        form = spec["components"]["schemas"][schema_ref.rsplit("/", 1)[-1]]
+        file_schema = form["properties"]["file"]
+        assert file_schema.get("format") == "binary" or "contentMediaType" in file_schema, file_schema
+        for path in ("/health", "/metrics", "/"):
+            assert spec["paths"][path]["get"]["summary"]
+        assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("header", ["Authorization", "X-API-Key"])
+def test_api_key_guards_infer_but_not_health(header):
+    with make_client(api_key="s3cret") as client:
+        wait_for_status(client, "healthy")
+        assert post_png(client).status_code == 401
+        value = "Bearer s3cret" if header == "Authorization" else "s3cret"
+        ok = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")}, headers={header: value})
+        assert ok.status_code == 200
+        wrong = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                            headers={header: value + "x"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+        assert client.get("/health").status_code == 200
+        assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_can_require_the_key():
+    with make_client(api_key="k", metrics_require_key=True) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"X-API-Key": "k"}).status_code == 200
+
+
+def test_oversized_upload_is_413_by_content_length():
+    with make_client(max_upload_mb=0.01) as client:
+        wait_for_status(client, "healthy")
+        big = diagram_png(1200, 1200, fmt="BMP")
+        response = client.post("/infer", files={"file": ("d.bmp", big, "image/bmp")})
+        assert response.status_code == 413
+        assert "MAX_UPLOAD_MB" in response.json()["error"]["message"]
+
+
+def test_oversized_chunked_upload_is_413():
+    def chunks():
+        for _ in range(20):
+            yield b"x" * (64 * 1024)
+
+    with make_client(max_upload_mb=0.5) as client:
+        wait_for_status(client, "healthy")
+        response = client.post("/infer", content=chunks(),
+                               headers={"Content-Type": "multipart/form-data; boundary=zzz"})
+        assert response.status_code == 413
+        assert response.json()["error"]["type"] == "payload_too_large"

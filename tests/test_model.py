@@ -1,0 +1,180 @@
+"""End to end on the offline tiny Qwen3-VL through the real loader, adapter merge and generate()."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
+
+from app.device import resolve_placement
+from app.engine import Engine, ServingDefaults
+from app.loader import ModelLoadError, load_model
+from app.main import create_app
+from app.serving import InferenceService
+from app.settings import Device, TorchDType
+
+from .helpers import diagram_png, wait_for_status
+
+SEED_FIELDS = {"inference_time", "generation_time", "image_size", "model", "device"}
+TRUST_FIELDS = {"request_id", "prompt_tokens", "completion_tokens", "finish_reason", "adapter", "dtype"}
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_model_dir):
+    from app.settings import Settings
+
+    settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
+                        device="cpu")
+    with TestClient(create_app(settings)) as client:
+        wait_for_status(client, "healthy")
+        yield client
+
+
+def load(settings):
+    return load_model(settings, resolve_placement(settings.device, settings.torch_dtype))
+
+
+def test_infer_png_returns_every_field(tiny_client, tiny_model_dir):
+    response = tiny_client.post("/infer", files={"file": ("diagram.png", diagram_png(640, 480), "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body["description"], str)
+    metadata = body["metadata"]
+    assert SEED_FIELDS | TRUST_FIELDS <= set(metadata)
+    assert metadata["image_size"] == [640, 480]
+    assert metadata["device"] == "cpu" and metadata["dtype"] == "float32"
+    assert metadata["adapter"] == str(tiny_model_dir / "weights")
+    assert metadata["prompt_tokens"] > metadata["image_tokens"] > 0
+    assert metadata["completion_tokens"] > 0
+    assert metadata["finish_reason"] in {"stop", "length"}
+    # params.json of the demo adapter sets max_new_tokens=48: it is applied as the per-request default.
+    assert metadata["max_new_tokens"] == 48
+    assert metadata["request_id"] == response.headers["X-Request-ID"]
+    health = tiny_client.get("/health").json()
+    assert health["status"] == "healthy" and health["adapter_modules_merged"] == 22
+    assert health["model_load_time"] > 0
+    metrics = tiny_client.get("/metrics").json()
+    assert metrics["inference_count"] >= 1 and metrics["avg_inference_time"] > 0
+    assert metrics["gpu_memory_allocated_gb"] is None
+
+
+def test_greedy_output_is_reproducible_and_depends_on_the_image(tiny_client):
+    def ask(png: bytes, tokens: int = 12) -> dict:
+        response = tiny_client.post("/infer", files={"file": ("d.png", png, "image/png")},
+                                    data={"max_new_tokens": str(tokens)})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    first, again = ask(diagram_png(320, 240)), ask(diagram_png(320, 240))
+    assert first["description"] == again["description"]
+    assert first["metadata"]["completion_tokens"] <= 12
+    other = ask(diagram_png(640, 320))
+    assert other["metadata"]["image_tokens"] != first["metadata"]["image_tokens"]
+
+
+def test_per_request_prompt_and_token_cap(tiny_client):
+    response = tiny_client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                                data={"prompt": "List the roles.", "max_new_tokens": "3"})
+    metadata = response.json()["metadata"]
+    assert metadata["completion_tokens"] <= 3 and metadata["max_new_tokens"] == 3
+    default = tiny_client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                               data={"max_new_tokens": "3"}).json()["metadata"]
+    assert metadata["prompt_tokens"] != default["prompt_tokens"]
+
+
+def test_merged_model_equals_unmerged_peft_and_differs_from_base(tiny_model_dir, tiny_settings):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    merged = load(tiny_settings())
+    engine = Engine(merged, ServingDefaults("Describe.", 4, 64))
+    from PIL import Image
+    import io
+
+    image = Image.open(io.BytesIO(diagram_png(320, 256))).convert("RGB")
+    inputs = engine.build_inputs(image, "Describe.")
+    base_dir = str(tiny_model_dir / "base-model")
+    base = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        merged_logits = merged.model(**inputs).logits
+        base_logits = base(**inputs).logits
+        peft_model = PeftModel.from_pretrained(base, str(tiny_model_dir / "weights")).eval()
+        peft_logits = peft_model(**inputs).logits
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
+    torch.testing.assert_close(merged_logits, peft_logits, atol=2e-3, rtol=1e-3)
+
+
+def test_adapter_with_foreign_key_layout_fails_the_load_clearly(tiny_model_dir, tiny_settings, tmp_path):
+    adapter = tmp_path / "old-layout"
+    shutil.copytree(tiny_model_dir / "weights", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    # The pre-4.52 transformers layout (no "language_model" level): peft would load it as a silent no-op.
+    renamed = {key.replace("model.language_model.", "model.").replace("model.visual.", "visual."): value
+               for key, value in weights.items()}
+    save_file(renamed, adapter / "adapter_model.safetensors")
+    with pytest.raises(ModelLoadError, match="does not fit the base model"):
+        load(tiny_settings(adapter_path=adapter))
+
+
+def test_adapter_targeting_no_module_fails_the_load_clearly(tiny_model_dir, tiny_settings, tmp_path):
+    adapter = tmp_path / "wrong-targets"
+    shutil.copytree(tiny_model_dir / "weights", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = ["query_key_value"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="matches no module"):
+        load(tiny_settings(adapter_path=adapter))
+
+
+def test_failed_adapter_load_shows_in_health(tiny_model_dir, tiny_settings, tmp_path):
+    adapter = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir / "weights", adapter)
+    (adapter / "params.json").write_text("{not json")
+    with TestClient(create_app(tiny_settings(adapter_path=adapter))) as client:
+        body = wait_for_status(client, "failed")
+        assert "params.json" in body["reason"] and "\n" not in body["reason"]
+
+
+def test_missing_adapter_serves_the_base_model_with_a_warning(tiny_settings, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    with TestClient(create_app(tiny_settings(adapter_path=tmp_path / "nothing-here"))) as client:
+        health = wait_for_status(client, "healthy")
+        assert health["adapter"] is None and client.get("/").json()["adapter"] is None
+        response = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                               data={"max_new_tokens": "2"})
+        assert response.status_code == 200 and response.json()["metadata"]["adapter"] is None
+    assert any("adapter not found" in r.getMessage() and "serving the base model" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_processor_comes_from_the_base_when_the_adapter_has_none(tiny_model_dir, tiny_settings, tmp_path):
+    adapter = tmp_path / "bare"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(tiny_model_dir / "weights" / name, adapter / name)
+    loaded = load(tiny_settings(adapter_path=adapter))
+    assert loaded.adapter is not None and loaded.adapter.merged_modules == 22
+    assert loaded.params == {}
+
+
+def test_environment_overrides_params_json(tiny_settings):
+    loaded = load(tiny_settings())
+    assert ServingDefaults.from_sources(tiny_settings(), loaded.params).max_new_tokens == 48
+    explicit = tiny_settings(max_new_tokens=7)
+    assert ServingDefaults.from_sources(explicit, loaded.params).max_new_tokens == 7
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_settings, caplog):
+    caplog.set_level(logging.WARNING)
+    settings = tiny_settings(device="cuda")
+    placement = resolve_placement(Device.cuda, TorchDType.auto)
+    assert placement.device == "cpu" and placement.dtype == torch.float32
+    assert any("falling back to cpu" in r.getMessage() for r in caplog.records)
+    loaded = load_model(settings, placement)
+    assert str(loaded.model.device) == "cpu"
