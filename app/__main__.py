@@ -14,15 +14,14 @@ def main() -> int:
     except SettingsError as error:
         print(f"vlm-inference: cannot start:\n{error}", file=sys.stderr)
         return 2
-    import uvicorn
-
     from .logs import configure_logging
     from .main import create_app
+    from .server import serve
+    from .serving import InferenceService
 
     configure_logging(settings)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_config=None,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+    service = InferenceService(settings)
+    serve(service, create_app(service=service))
     return 0
 
 

@@ -64,6 +64,11 @@ class Runner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     @property
+    def pending(self) -> int:
+        """Admitted requests not finished yet (waiting or running)."""
+        return self._pending
+
+    @property
     def queue_depth(self) -> int:
         """Admitted requests not yet on the device."""
         return self._pending - self._running
