@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Any, Awaitable, TypeVar
+from typing import Annotated, Any, Awaitable, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from .envelope import error_responses
 from .errors import ClientClosedError, NotReadyError
 from .imaging import ACCEPTED_TEXT
+from .metrics import wants_prometheus
 from .protocol import ErrorBody, HealthResponse, InferResponse, MetricsResponse, ServiceInfo
 from .requestid import current_request_id
 from .serving import InferenceService, InferParams
@@ -112,13 +113,25 @@ async def read_health(service: ServiceDep) -> Any:
 @router.get(
     "/metrics",
     response_model=MetricsResponse,
-    summary="Inference counters and timings (JSON)",
+    summary="Counters and timings: JSON by default, Prometheus text when asked for",
+    description="JSON for browsers and `curl`. Prometheus exposition when `Accept` contains `text/plain` or "
+    "`application/openmetrics-text` (what a Prometheus server sends), or with `?format=prometheus`.",
     operation_id="read_metrics",
     tags=["operations"],
-    responses=error_responses(401),
+    responses={**error_responses(401),
+               200: {"content": {"text/plain": {"schema": {"type": "string"}},
+                                 "application/openmetrics-text": {"schema": {"type": "string"}}},
+                     "description": "JSON counters, or the Prometheus exposition"}},
 )
-async def read_metrics(service: ServiceDep) -> MetricsResponse:
-    return service.metrics()
+async def read_metrics(
+    request: Request,
+    service: ServiceDep,
+    format: Annotated[Literal["json", "prometheus"] | None, Query(description="force a format")] = None,
+) -> Any:
+    if format != "json" and wants_prometheus(request.headers.get("accept", ""), format):
+        body, content_type = service.prometheus.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+    return service.json_metrics()
 
 
 @router.get("/", response_model=ServiceInfo, summary="What this service is and where to look next",

@@ -47,15 +47,20 @@ class GenerationResult:
     finish_reason: str  # stop | length | cancelled
     preprocess_time_s: float
     generation_time_s: float
+    first_token_time_s: float | None = None  # prefill, vision encoder included
 
 
-class _CancelCriterion(StoppingCriteria):
-    """Stops generation at the next step once the request's cancel flag is set (deadline, disconnect)."""
+class _StepWatch(StoppingCriteria):
+    """Called after every decoding step: stops generation once the request's cancel flag is set
+    (deadline, disconnect), and notes when the first token came out (the end of prefill)."""
 
     def __init__(self, cancel: threading.Event):
         self.cancel = cancel
+        self.first_token_at: float | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -102,11 +107,10 @@ class Engine:
         preprocessed = time.perf_counter()
         config = copy.copy(self.generation_config)
         config.max_new_tokens = max_new_tokens
+        watch = _StepWatch(cancel)
         with torch.inference_mode():
-            output = self.model.generate(
-                **inputs, generation_config=config,
-                stopping_criteria=StoppingCriteriaList([_CancelCriterion(cancel)]),
-            )
+            output = self.model.generate(**inputs, generation_config=config,
+                                         stopping_criteria=StoppingCriteriaList([watch]))
         generated = output[0, prompt_tokens:].tolist()
         finished = time.perf_counter()
         if cancel.is_set():
@@ -118,8 +122,9 @@ class Engine:
         else:
             reason = "stop"
         text = self.processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        first_token_s = watch.first_token_at - preprocessed if watch.first_token_at else None
         return GenerationResult(text, prompt_tokens, len(generated), image_tokens, reason,
-                                preprocessed - started, finished - preprocessed)
+                                preprocessed - started, finished - preprocessed, first_token_s)
 
     def warmup(self) -> GenerationResult:
         """One short generation on a synthetic diagram-like image, so the first request pays no setup."""

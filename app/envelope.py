@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import (InvalidRequestError, MethodNotAllowedError, MissingFieldError, NotFoundError,
                      ServiceError)
+from .access import note
 from .protocol import ErrorResponse
 from .requestid import current_request_id
 
@@ -40,6 +41,7 @@ def envelope(error: ServiceError) -> dict[str, Any]:
 
 
 def error_response(error: ServiceError) -> JSONResponse:
+    note(error_type=error.error_type)
     return JSONResponse(envelope(error), status_code=error.status_code, headers=error.headers)
 
 
@@ -67,7 +69,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             mapped = NotFoundError(f"no route {request.method} {request.url.path}; see /docs")
         elif exc.status_code == 405:
-            mapped = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}; see /docs")
+            mapped = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}; see /docs",
+                                           headers=dict(exc.headers or {}))  # keeps the Allow header
         else:
             mapped = InvalidRequestError(str(exc.detail))
             mapped.status_code = exc.status_code if 400 <= exc.status_code < 500 else 400

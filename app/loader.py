@@ -127,7 +127,8 @@ def load_model(settings: Settings, placement: Placement) -> LoadedModel:
 
     started = time.perf_counter()
     base, adapter_dir = resolve_sources(settings)
-    logger.info("loading %s on %s as %s", base, placement.device, placement.dtype_name)
+    logger.info("loading %s (revision %s) on %s as %s", base, settings.model_revision or "default",
+                placement.device, placement.dtype_name)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             base, dtype=placement.dtype, revision=settings.model_revision, device_map=placement.device

@@ -1,23 +1,66 @@
-"""Logging set-up: one format for our loggers and uvicorn's, every line with its request id."""
+"""Logging set-up: one stream for our loggers and uvicorn's, as text or JSON lines, each with its request id."""
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import datetime, timezone
 
-from .requestid import RequestIdLogFilter
-from .settings import Settings
+from .requestid import install_log_record_factory
+from .settings import LogFormat, Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, plus access fields if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        access = getattr(record, "access", None)
+        if access:
+            entry.update(access)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        access = getattr(record, "access", None)
+        if access:
+            extras = {k: v for k, v in access.items() if k not in ("method", "path", "status", "duration_s")}
+            line += "".join(f" {k}={v}" for k, v in extras.items())
+        return line
+
+
 def configure_logging(settings: Settings) -> None:
+    install_log_record_factory()
     handler = logging.StreamHandler()
-    handler.addFilter(RequestIdLogFilter())
-    handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if settings.log_format == LogFormat.json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.value)
+    # uvicorn's loggers go through the same handler; its access log is replaced by ours (app.access).
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+    for noisy in ("httpx", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Library warnings and progress bars would break the one-object-per-line stream.
+    logging.captureWarnings(True)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

@@ -10,10 +10,11 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 
 from . import SERVICE_NAME, __version__
+from .access import AccessLogMiddleware
 from .api import router
 from .envelope import install_error_handlers
 from .gate import InferGate
-from .requestid import RequestIdMiddleware
+from .requestid import RequestIdMiddleware, install_log_record_factory
 from .serving import InferenceService
 from .settings import Settings, load_settings
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, service: InferenceService | None = None) -> FastAPI:
     """Build the app. Pass ``service`` to inject a fake engine/runner in tests."""
     settings = settings or (service.settings if service else load_settings())
+    install_log_record_factory()
     service = service or InferenceService(settings)
 
     @contextlib.asynccontextmanager
@@ -52,7 +54,8 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
-    # Added last = outermost: the request id exists before the gate may refuse the request.
+    # Added last = outermost: the request id exists before the access log and the gate run.
     app.add_middleware(InferGate, service_getter=lambda: app.state.service)
+    app.add_middleware(AccessLogMiddleware, metrics_getter=lambda: app.state.service.prometheus)
     app.add_middleware(RequestIdMiddleware)
     return app

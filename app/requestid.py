@@ -53,9 +53,20 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
-class RequestIdLogFilter(logging.Filter):
-    """Adds ``record.request_id`` ("-" outside a request) so every formatter can print it."""
+_factory_installed = False
 
-    def filter(self, record: logging.LogRecord) -> bool:
+
+def install_log_record_factory() -> None:
+    """Give every log record, from any logger, ``record.request_id`` ("-" outside a request). Idempotent."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
         record.request_id = request_id_var.get() or "-"
-        return True
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True

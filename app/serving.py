@@ -10,7 +10,8 @@ from typing import Callable
 
 from .device import Placement, resolve_placement
 from .engine import Engine, GenerationResult, ServingDefaults
-from .errors import InvalidRequestError, ServiceError
+from .access import note
+from .errors import DeadlineExceededError, InvalidRequestError, ServiceError
 from .decoder import DecoderPool
 from .imaging import PreparedImage
 from .loader import load_model
@@ -18,7 +19,8 @@ from .protocol import HealthResponse, InferMetadata, InferResponse, MetricsRespo
 from .requestid import current_request_id
 from .runner import ModelState, Runner, Ticket
 from .settings import Settings
-from .stats import InferenceStats, gpu_memory_gb
+from .metrics import Metrics
+from .stats import InferenceStats, gpu_memory_bytes, gpu_memory_gb
 
 from . import SERVICE_NAME, __version__
 
@@ -42,6 +44,11 @@ class InferenceService:
         self.engine_factory = engine_factory or self.build_engine
         self.decoder = DecoderPool(settings.decode_workers)
         self.stats = InferenceStats()
+        self.prometheus = Metrics()
+        self.prometheus.queue_depth.set_function(lambda: self.runner.queue_depth)
+        self.prometheus.in_flight.set_function(lambda: self.runner.in_flight)
+        self.prometheus.gpu_allocated.set_function(lambda: gpu_memory_bytes()[0])
+        self.prometheus.gpu_reserved.set_function(lambda: gpu_memory_bytes()[1])
         self.placement: Placement | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -58,6 +65,13 @@ class InferenceService:
 
     async def start(self) -> None:
         await self.runner.load(self.engine_factory, self.decoder.warm())
+        engine = self.runner.engine
+        if engine is not None:
+            loaded = engine.loaded
+            self.prometheus.model_load.set(self.runner.load_time_s or 0.0)
+            self.prometheus.model_info.labels(
+                loaded.model_id, loaded.adapter.path if loaded.adapter else "none", loaded.placement.device,
+                loaded.placement.dtype_name).set(1)
 
     def close(self) -> None:
         self.runner.close()
@@ -82,17 +96,34 @@ class InferenceService:
                 timeout_s=max(deadline - decoded, 0.001),
                 on_start=lambda: on_device.append(time.perf_counter()),
             )
-        except ServiceError:
+        except ServiceError as error:
             self.stats.failed_count += 1
+            if isinstance(error, DeadlineExceededError):
+                self.prometheus.finish_reasons.labels("timeout").inc()
             raise
         finished = time.perf_counter()
         self.stats.record_success(finished - started, result.prompt_tokens, result.completion_tokens)
-        queue_time = (on_device[0] - decoded) if on_device else 0.0
-        return InferResponse(
-            description=result.text,
-            metadata=self._metadata(engine, prepared, result, finished - started, queue_time,
-                                    (decoded - started) + result.preprocess_time_s, max_new_tokens),
-        )
+        metadata = self._metadata(engine, prepared, result, finished - started,
+                                  (on_device[0] - decoded) if on_device else 0.0,
+                                  (decoded - started) + result.preprocess_time_s, max_new_tokens)
+        self._observe(metadata, result)
+        return InferResponse(description=result.text, metadata=metadata)
+
+    def _observe(self, metadata: InferMetadata, result: GenerationResult) -> None:
+        metrics = self.prometheus
+        metrics.queue_wait.observe(metadata.queue_time)
+        metrics.preprocess.observe(metadata.preprocess_time)
+        if result.first_token_time_s is not None:
+            metrics.first_token.observe(result.first_token_time_s)
+        metrics.generation.observe(result.generation_time_s)
+        metrics.prompt_tokens.inc(result.prompt_tokens)
+        metrics.image_tokens.inc(result.image_tokens)
+        metrics.generated_tokens.inc(result.completion_tokens)
+        metrics.image_tokens_per_request.observe(result.image_tokens)
+        metrics.generated_tokens_per_request.observe(result.completion_tokens)
+        metrics.finish_reasons.labels(result.finish_reason).inc()
+        note(image_size=metadata.image_size, prompt_tokens=result.prompt_tokens,
+             completion_tokens=result.completion_tokens, finish_reason=result.finish_reason)
 
     async def _decode(self, data: bytes, engine: Engine, page: int, deadline: float) -> PreparedImage:
         """Decode in a worker process, within the request's deadline."""
@@ -157,7 +188,7 @@ class InferenceService:
             in_flight=runner.in_flight,
         )
 
-    def metrics(self) -> MetricsResponse:
+    def json_metrics(self) -> MetricsResponse:
         allocated, reserved = gpu_memory_gb()
         stats = self.stats
         return MetricsResponse(

@@ -37,6 +37,11 @@ class LogLevel(str, Enum):
     ERROR = "ERROR"
 
 
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Environment variable = field name in upper case."""
 
@@ -54,6 +59,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8002, ge=1, le=65535)
     log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat = Field(LogFormat.text, description="text for local runs; the container sets json")
     max_queue: int = Field(8, ge=0, le=10_000, description="requests allowed to wait behind the running one")
     max_image_tokens: int = Field(1024, ge=4, le=16_384,
                                   description="vision-token budget per image (one token per 32x32 px)")

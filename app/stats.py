@@ -25,11 +25,20 @@ class InferenceStats:
         return self.total_inference_time / self.inference_count if self.inference_count else 0.0
 
 
+def gpu_memory_bytes() -> tuple[int, int]:
+    """(allocated, reserved) bytes on the current CUDA device; zeros without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0, 0
+    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+
 def gpu_memory_gb() -> tuple[float | None, float | None]:
     """(allocated, reserved) GiB on the current CUDA device, or (None, None) without CUDA."""
     import torch
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None, None
-    gib = 1024 ** 3
-    return torch.cuda.memory_allocated() / gib, torch.cuda.memory_reserved() / gib
+    allocated, reserved = gpu_memory_bytes()
+    return allocated / 1024 ** 3, reserved / 1024 ** 3

@@ -4,6 +4,7 @@ limits, load shedding under a burst, and deadlines that free the device."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -160,3 +161,18 @@ def test_deadline_stops_generation_and_the_next_request_starts_at_once(tiny_mode
         follow_up = post(base, max_new_tokens="4")
         assert follow_up.status_code == 200
         assert follow_up.json()["metadata"]["queue_time"] < 1.0
+
+
+def test_json_logs_are_one_object_per_line_with_request_ids(tiny_model_dir):
+    with running_server(tiny_model_dir, LOG_FORMAT="json") as (base, process):
+        response = httpx.post(f"{base}/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                              data={"max_new_tokens": "2"}, headers={"X-Request-ID": "json-check"})
+        assert response.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line must parse
+    access = [e for e in entries if e["logger"] == "app.access" and e["request_id"] == "json-check"]
+    assert len(access) == 1 and access[0]["status"] == 200 and access[0]["completion_tokens"] >= 1
+    assert any("merged" in e["message"] for e in entries)  # the startup log says what was loaded
+    assert any(e["logger"].startswith("uvicorn") for e in entries)

@@ -1,0 +1,79 @@
+"""Prometheus metrics in the service's own registry. Names prefixed vlm_, base units, bounded labels."""
+
+from __future__ import annotations
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector)
+from prometheus_client.exposition import choose_encoder
+
+# Diagram requests take seconds to minutes: buckets from 50 ms to 10 min.
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+FAST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
+ENDPOINTS = ("/infer", "/health", "/metrics", "/", "/docs", "/openapi.json")
+FINISH_REASONS = ("stop", "length", "timeout", "cancelled")
+
+
+def endpoint_label(path: str) -> str:
+    """Bounded label values: unknown paths (404 probes) all count as 'other'."""
+    return path if path in ENDPOINTS else "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.requests = Counter("vlm_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=registry)
+        self.request_duration = Histogram("vlm_request_duration_seconds", "Time to answer /infer, end to end",
+                                          buckets=SECONDS_BUCKETS, registry=registry)
+        self.queue_wait = Histogram("vlm_queue_wait_seconds", "Time an /infer request waited for the model",
+                                    buckets=SECONDS_BUCKETS, registry=registry)
+        self.preprocess = Histogram("vlm_preprocess_duration_seconds",
+                                    "Decoding the upload and building model inputs", buckets=FAST_BUCKETS,
+                                    registry=registry)
+        self.first_token = Histogram("vlm_time_to_first_token_seconds",
+                                     "Prefill: from generate() start to the first token (vision encoder included)",
+                                     buckets=SECONDS_BUCKETS, registry=registry)
+        self.generation = Histogram("vlm_generation_duration_seconds", "Time inside generate()",
+                                    buckets=SECONDS_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens (image tokens included)",
+                                     registry=registry)
+        self.image_tokens = Counter("vlm_image_tokens", "Vision tokens fed to the model", registry=registry)
+        self.generated_tokens = Counter("vlm_generated_tokens", "Tokens generated", registry=registry)
+        self.image_tokens_per_request = Histogram("vlm_image_tokens_per_request", "Vision tokens per request",
+                                                  buckets=TOKEN_BUCKETS, registry=registry)
+        self.generated_tokens_per_request = Histogram("vlm_generated_tokens_per_request",
+                                                      "Generated tokens per request", buckets=TOKEN_BUCKETS,
+                                                      registry=registry)
+        self.finish_reasons = Counter("vlm_finish_reason", "Why generation ended", ["reason"], registry=registry)
+        self.rejected = Counter("vlm_rejected_requests", "Requests refused, by reason", ["reason"],
+                                registry=registry)
+        self.queue_depth = Gauge("vlm_queue_depth", "Admitted /infer requests waiting for the model",
+                                 registry=registry)
+        self.in_flight = Gauge("vlm_in_flight_requests", "/infer requests running on the model", registry=registry)
+        self.model_load = Gauge("vlm_model_load_seconds", "Seconds the model took to load, merge and warm up",
+                                registry=registry)
+        self.model_info = Gauge("vlm_model_info", "The model being served (value is always 1)",
+                                ["model", "adapter", "device", "dtype"], registry=registry)
+        self.gpu_allocated = Gauge("vlm_gpu_memory_allocated_bytes", "CUDA memory held by tensors",
+                                   registry=registry)
+        self.gpu_reserved = Gauge("vlm_gpu_memory_reserved_bytes", "CUDA memory reserved by the allocator",
+                                  registry=registry)
+        for reason in FINISH_REASONS:  # export zeros, so rate() works from the first scrape
+            self.finish_reasons.labels(reason)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The exposition in the format ``accept`` asks for (OpenMetrics or text 0.0.4)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def wants_prometheus(accept: str, format_param: str | None) -> bool:
+    """Prometheus servers send text/plain or application/openmetrics-text; browsers and curl get JSON."""
+    if format_param:
+        return format_param.lower() in ("prometheus", "openmetrics", "text")
+    accept = accept.lower()
+    return "text/plain" in accept or "application/openmetrics-text" in accept

@@ -1,0 +1,126 @@
+"""Prometheus exposition, format negotiation, request ids in logs, JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.logs import JsonFormatter
+from app.main import create_app
+
+from .helpers import diagram_png, wait_for_status
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir):
+    from app.settings import Settings
+
+    settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
+                        device="cpu")
+    with TestClient(create_app(settings)) as client:
+        wait_for_status(client, "healthy")
+        yield client
+
+
+def scrape(client) -> dict[str, float]:
+    response = client.get("/metrics", headers={"Accept": "text/plain"})
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def infer(client, **data):
+    response = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")}, data=data)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_counters_and_histograms_move_after_infer(client):
+    before = scrape(client)
+    body = infer(client, max_new_tokens="6")
+    after = scrape(client)
+    ok = 'vlm_requests_total{endpoint="/infer",status="200"}'
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after["vlm_request_duration_seconds_count"] == before["vlm_request_duration_seconds_count"] + 1
+    assert after["vlm_time_to_first_token_seconds_count"] == before["vlm_time_to_first_token_seconds_count"] + 1
+    assert after["vlm_queue_wait_seconds_count"] > before["vlm_queue_wait_seconds_count"]
+    generated = body["metadata"]["completion_tokens"]
+    assert after["vlm_generated_tokens_total"] == before["vlm_generated_tokens_total"] + generated
+    assert after["vlm_image_tokens_total"] - before["vlm_image_tokens_total"] == body["metadata"]["image_tokens"]
+    reason = body["metadata"]["finish_reason"]
+    key = f'vlm_finish_reason_total{{reason="{reason}"}}'
+    assert after[key] == before[key] + 1
+    assert after["vlm_model_load_seconds"] > 0
+    info = [k for k, v in after.items() if k.startswith("vlm_model_info{") and v == 1]
+    assert len(info) == 1 and 'device="cpu"' in info[0] and 'dtype="float32"' in info[0]
+    assert "process_resident_memory_bytes" in after and "vlm_queue_depth" in after
+
+
+def test_health_and_metrics_are_not_inference_traffic(client):
+    before = scrape(client)
+    client.get("/health")
+    client.get("/metrics")
+    after = scrape(client)
+    assert after["vlm_request_duration_seconds_count"] == before["vlm_request_duration_seconds_count"]
+    assert after['vlm_requests_total{endpoint="/health",status="200"}'] >= 1
+
+
+def test_rejections_are_counted_by_reason(client):
+    before = scrape(client)
+    response = client.post("/infer", files={"file": ("x.bin", b"\x00\x01junk", "application/octet-stream")})
+    assert response.status_code == 415
+    after = scrape(client)
+    key = 'vlm_rejected_requests_total{reason="unsupported_media_type"}'
+    assert after[key] == before.get(key, 0) + 1
+
+
+@pytest.mark.parametrize("accept, query, expected", [
+    ("application/json", None, "application/json"),
+    ("*/*", None, "application/json"),
+    ("text/html,application/xhtml+xml,*/*;q=0.8", None, "application/json"),
+    ("text/plain", None, "text/plain; version=0.0.4"),
+    ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1", None,
+     "application/openmetrics-text"),
+    ("*/*", "prometheus", "text/plain; version=0.0.4"),
+    ("text/plain", "json", "application/json"),
+])
+def test_metrics_format_follows_accept(client, accept, query, expected):
+    response = client.get("/metrics", headers={"Accept": accept}, params={"format": query} if query else None)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(expected)
+    if expected == "application/json":
+        assert {"inference_count", "total_inference_time", "avg_inference_time", "model_load_time",
+                "gpu_memory_allocated_gb", "gpu_memory_reserved_gb"} <= set(response.json())
+
+
+def test_request_id_reaches_every_log_record_of_the_request(client, caplog):
+    caplog.set_level(logging.INFO)
+    response = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                           data={"max_new_tokens": "2"}, headers={"X-Request-ID": "trace-42"})
+    assert response.headers["X-Request-ID"] == "trace-42"
+    assert response.json()["metadata"]["request_id"] == "trace-42"
+    access = [r for r in caplog.records if r.name == "app.access" and r.request_id == "trace-42"]
+    assert len(access) == 1
+    fields = access[0].access
+    assert fields["status"] == 200 and fields["path"] == "/infer" and fields["image_size"] == [320, 240]
+    assert fields["completion_tokens"] >= 1 and fields["finish_reason"] in {"stop", "length"}
+    error = client.get("/nope", headers={"X-Request-ID": "trace-43"})
+    assert error.json()["error"]["request_id"] == "trace-43"
+
+
+def test_json_formatter_writes_one_parseable_object():
+    record = logging.LogRecord("app.access", logging.INFO, __file__, 1, "POST /infer %s", (200,), None)
+    record.request_id = "abc"
+    record.access = {"status": 200, "image_size": [10, 20]}
+    line = JsonFormatter().format(record)
+    parsed = json.loads(line)
+    assert parsed["request_id"] == "abc" and parsed["message"] == "POST /infer 200"
+    assert parsed["image_size"] == [10, 20] and "\n" not in line
