@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, Up
 from fastapi.responses import JSONResponse
 
 from .envelope import error_responses
-from .errors import ClientClosedError, NotReadyError
+from .errors import ClientClosedError, NoTableError, NotReadyError
 from .imaging import ACCEPTED_TEXT
 from .metrics import wants_prometheus
 from .protocol import ErrorBody, HealthResponse, InferResponse, MetricsResponse, ServiceInfo
 from .requestid import current_request_id
+from .table import to_csv, to_markdown
 from .serving import InferenceService, InferParams
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,10 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
     "Greedy decoding: the same image and prompt give the same table.",
     operation_id="infer_diagram",
     tags=["inference"],
-    responses=error_responses(400, 401, 413, 415, 422, 500, 503, 504),
+    responses={**error_responses(400, 401, 413, 415, 422, 500, 503, 504),
+               200: {"content": {"text/markdown": {"schema": {"type": "string"}},
+                                 "text/csv": {"schema": {"type": "string"}}},
+                     "description": "JSON (default), or just the table as markdown or CSV (format / Accept)"}},
 )
 async def infer_diagram(
     request: Request,
@@ -73,11 +77,30 @@ async def infer_diagram(
     max_new_tokens: Annotated[int | None, Form(ge=1, description="cap on generated tokens, up to MAX_NEW_TOKENS")]
     = None,
     page: Annotated[int, Form(ge=1, le=10_000, description="PDF page to read (1-based)")] = 1,
-) -> InferResponse:
+    format: Annotated[Literal["json", "markdown", "csv"] | None,
+                      Form(description="json (default), markdown or csv (just the table); or use Accept")] = None,
+) -> Any:
     ticket = request.state.ticket
     data = await file.read()
     params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, page=page)
-    return await _until_disconnect(request, service.infer(data, params, ticket))
+    result = await _until_disconnect(request, service.infer(data, params, ticket))
+    chosen = format or _format_from_accept(request.headers.get("accept", ""))
+    if chosen == "json":
+        return result
+    if result.table is None:
+        raise NoTableError(f"the answer holds no table ({result.table_error}); ask for format=json to see it")
+    render, media_type = _TABLE_FORMATS[chosen]
+    return Response(render(result.table.columns, result.table.rows), media_type=media_type)
+
+
+_TABLE_FORMATS = {"markdown": (to_markdown, "text/markdown; charset=utf-8"), "csv": (to_csv, "text/csv; charset=utf-8")}
+
+
+def _format_from_accept(accept: str) -> str:
+    accept = accept.lower()
+    if "text/markdown" in accept:
+        return "markdown"
+    return "csv" if "text/csv" in accept else "json"
 
 
 def _status_response(model: Any, ready: bool, error: NotReadyError | None = None) -> Any:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .guards import RepetitionGuard
 from .imaging import VisionGeometry
 from .loader import LoadedModel
 from .settings import Settings
@@ -44,7 +45,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     image_tokens: int
-    finish_reason: str  # stop | length | cancelled
+    finish_reason: str  # stop | length | repetition | cancelled
     preprocess_time_s: float
     generation_time_s: float
     first_token_time_s: float | None = None  # prefill, vision encoder included
@@ -52,23 +53,34 @@ class GenerationResult:
 
 class _StepWatch(StoppingCriteria):
     """Called after every decoding step: stops generation once the request's cancel flag is set
-    (deadline, disconnect), and notes when the first token came out (the end of prefill)."""
+    (deadline, disconnect) or the output degenerates into repetition, and notes when the first token
+    came out (the end of prefill)."""
 
-    def __init__(self, cancel: threading.Event):
+    def __init__(self, cancel: threading.Event, prompt_length: int, guard: RepetitionGuard | None):
         self.cancel = cancel
+        self.prompt_length = prompt_length
+        self.guard = guard
         self.first_token_at: float | None = None
+        self.repetition = False
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = self.cancel.is_set()
+        if not stop and self.guard is not None:
+            generated = input_ids[0, self.prompt_length:]
+            if generated.shape[0] >= self.guard.min_span:
+                self.repetition = stop = self.guard.tripped(generated[-self.guard.max_period * 8:].tolist())
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
     """Owns the loaded model and processor; every method is blocking and meant for the model thread."""
 
-    def __init__(self, loaded: LoadedModel, defaults: ServingDefaults):
+    def __init__(self, loaded: LoadedModel, defaults: ServingDefaults,
+                 repetition_guard: RepetitionGuard | None = RepetitionGuard()):
         self.loaded = loaded
+        self.repetition_guard = repetition_guard
         self.model = loaded.model
         self.processor = loaded.processor
         self.defaults = defaults
@@ -107,7 +119,7 @@ class Engine:
         preprocessed = time.perf_counter()
         config = copy.copy(self.generation_config)
         config.max_new_tokens = max_new_tokens
-        watch = _StepWatch(cancel)
+        watch = _StepWatch(cancel, prompt_tokens, self.repetition_guard)
         with torch.inference_mode():
             output = self.model.generate(**inputs, generation_config=config,
                                          stopping_criteria=StoppingCriteriaList([watch]))
@@ -115,6 +127,8 @@ class Engine:
         finished = time.perf_counter()
         if cancel.is_set():
             reason = "cancelled"
+        elif watch.repetition:
+            reason = "repetition"
         elif generated and generated[-1] in self.eos_ids:
             reason = "stop"
         elif len(generated) >= max_new_tokens:

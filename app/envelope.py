@@ -24,7 +24,7 @@ _DESCRIPTIONS = {
     404: "No such route",
     413: "Upload over MAX_UPLOAD_MB, or image over the decoded-pixel limit",
     415: "Not an accepted image/PDF format",
-    422: "A required form field is missing",
+    422: "A required form field is missing; or format=markdown/csv and the answer holds no table",
     500: "Internal error (details in the service log, under the request id)",
     503: "Model not ready, draining, or the wait queue is full (see Retry-After)",
     504: "The request passed its deadline (REQUEST_TIMEOUT_S)",

@@ -49,6 +49,10 @@ class MissingFieldError(ServiceError):
     status_code, error_type = 422, "missing_field"
 
 
+class NoTableError(ServiceError):
+    status_code, error_type = 422, "no_table"
+
+
 class NotReadyError(ServiceError):
     status_code, error_type = 503, "not_ready"
 

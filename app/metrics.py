@@ -11,7 +11,7 @@ SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60
 FAST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
 ENDPOINTS = ("/infer", "/health", "/metrics", "/", "/docs", "/openapi.json")
-FINISH_REASONS = ("stop", "length", "timeout", "cancelled")
+FINISH_REASONS = ("stop", "length", "repetition", "timeout", "cancelled")
 
 
 def endpoint_label(path: str) -> str:

@@ -27,7 +27,8 @@ class InferMetadata(BaseModel):
     source_format: str = Field(description="format detected from the bytes", examples=["PNG"])
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str = Field(description="stop: the model ended the answer; length: cut at max_new_tokens")
+    finish_reason: str = Field(description="stop: the model ended the answer; length: cut at max_new_tokens; "
+                               "repetition: stopped early because the output degenerated into repetition")
     max_new_tokens: int
     model: str
     adapter: str | None = Field(description="adapter folder merged into the model, or null for the base model")
@@ -35,10 +36,28 @@ class InferMetadata(BaseModel):
     dtype: str
 
 
+class TableData(BaseModel):
+    columns: list[str] = Field(examples=[["№", "Наименование действия", "Роль"]])
+    rows: list[list[str]] = Field(examples=[[["1", "Принять заявку", "Менеджер"]]])
+    truncated: bool = Field(description="the answer was cut at max_new_tokens: rows may be missing")
+    dropped_incomplete_row: bool = Field(description="the cut-off last row was dropped")
+    warnings: list[str] = Field(description="what the parser had to guess (no separator row, …)")
+
+
+class StepRow(BaseModel):
+    number: str
+    action: str
+    role: str
+
+
 class InferResponse(BaseModel):
-    description: str = Field(description="the model's answer: a markdown table of steps and roles",
+    description: str = Field(description="the model's answer, unchanged: a markdown table of steps and roles",
                              examples=["| № | Наименование действия | Роль |\n|---|---|---|\n| 1 | Принять заявку | "
                                        "Менеджер |"])
+    table: TableData | None = Field(None, description="the table parsed from description; null when none")
+    rows: list[StepRow] | None = Field(None, description="the rows as number/action/role, when the columns "
+                                       "are recognized (Russian or English headers)")
+    table_error: str | None = Field(None, description="why table is null")
     metadata: InferMetadata
 
 

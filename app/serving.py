@@ -10,16 +10,19 @@ from typing import Callable
 
 from .device import Placement, resolve_placement
 from .engine import Engine, GenerationResult, ServingDefaults
+from .guards import RepetitionGuard
 from .access import note
 from .errors import DeadlineExceededError, InvalidRequestError, ServiceError
 from .decoder import DecoderPool
 from .imaging import PreparedImage
 from .loader import load_model
-from .protocol import HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo
+from .protocol import (HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo, StepRow,
+                       TableData)
 from .requestid import current_request_id
 from .runner import ModelState, Runner, Ticket
 from .settings import Settings
 from .metrics import Metrics
+from .table import TableNotFoundError, parse_table
 from .stats import InferenceStats, gpu_memory_bytes, gpu_memory_gb
 
 from . import SERVICE_NAME, __version__
@@ -32,6 +35,22 @@ class InferParams:
     prompt: str | None = None
     max_new_tokens: int | None = None
     page: int = 1
+
+
+def build_response(text: str, metadata: InferMetadata) -> InferResponse:
+    """The raw answer plus its parsed table (or why there is none)."""
+    try:
+        table = parse_table(text, truncated=metadata.finish_reason == "length")
+    except TableNotFoundError as error:
+        return InferResponse(description=text, table_error=str(error), metadata=metadata)
+    return InferResponse(
+        description=text,
+        table=TableData(columns=table.columns, rows=table.rows, truncated=table.truncated,
+                        dropped_incomplete_row=table.dropped_incomplete_row, warnings=table.warnings),
+        rows=[StepRow(**record) for record in table.records] if table.records is not None else None,
+        table_error=None if table.records is not None else "columns not recognized as number/action/role",
+        metadata=metadata,
+    )
 
 
 class InferenceService:
@@ -56,7 +75,8 @@ class InferenceService:
         """Blocking: load, merge, verify and warm up. Runs on the model thread."""
         self.placement = resolve_placement(self.settings.device, self.settings.torch_dtype)
         loaded = load_model(self.settings, self.placement)
-        engine = Engine(loaded, ServingDefaults.from_sources(self.settings, loaded.params))
+        engine = Engine(loaded, ServingDefaults.from_sources(self.settings, loaded.params),
+                        repetition_guard=RepetitionGuard() if self.settings.repetition_guard else None)
         if self.settings.warmup:
             started = time.perf_counter()
             engine.warmup()
@@ -107,7 +127,7 @@ class InferenceService:
                                   (on_device[0] - decoded) if on_device else 0.0,
                                   (decoded - started) + result.preprocess_time_s, max_new_tokens)
         self._observe(metadata, result)
-        return InferResponse(description=result.text, metadata=metadata)
+        return build_response(result.text, metadata)
 
     def _observe(self, metadata: InferMetadata, result: GenerationResult) -> None:
         metrics = self.prometheus

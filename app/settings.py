@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, /infer requires it")
     metrics_require_key: bool = Field(False, description="also require API_KEY on /metrics")
+    repetition_guard: bool = Field(True, description="stop generation that degenerates into repetition")
     warmup: bool = Field(True, description="run one generation before reporting ready")
     demo_dir: Path = Field(Path.home() / ".cache" / "vlm-inference" / "demo",
                            description="where BASE_MODEL_ID=demo builds the tiny model")

@@ -28,6 +28,7 @@ def tiny_settings(tiny_model_dir):
             "base_model_id": str(tiny_model_dir / "base-model"),
             "adapter_path": tiny_model_dir / "weights",
             "device": "cpu",
+            "torch_dtype": "float32",  # exact logits comparisons; the auto choice is tested on its own
         }
         values.update(overrides)
         return Settings(**values)

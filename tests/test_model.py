@@ -29,7 +29,7 @@ def tiny_client(tiny_model_dir):
     from app.settings import Settings
 
     settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
-                        device="cpu")
+                        device="cpu", torch_dtype="float32")
     with TestClient(create_app(settings)) as client:
         wait_for_status(client, "healthy")
         yield client
@@ -172,9 +172,41 @@ def test_environment_overrides_params_json(tiny_settings):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_settings, caplog):
     caplog.set_level(logging.WARNING)
-    settings = tiny_settings(device="cuda")
+    settings = tiny_settings(device="cuda", torch_dtype="auto")
     placement = resolve_placement(Device.cuda, TorchDType.auto)
-    assert placement.device == "cpu" and placement.dtype == torch.float32
+    assert placement.device == "cpu"
+    assert placement.dtype == resolve_placement(Device.cpu, TorchDType.auto).dtype
     assert any("falling back to cpu" in r.getMessage() for r in caplog.records)
     loaded = load_model(settings, placement)
     assert str(loaded.model.device) == "cpu"
+
+
+def test_repetition_guard_stops_generation_on_the_tiny_model(tiny_settings):
+    from app.guards import RepetitionGuard
+    from PIL import Image
+    import io
+
+    loaded = load(tiny_settings())
+    image = Image.open(io.BytesIO(diagram_png(320, 240))).convert("RGB")
+    # A hair-trigger guard, so the random model's short echoes count as degenerate repetition.
+    guard = RepetitionGuard(max_period=8, min_repeats=2, min_span=4)
+    free = Engine(loaded, ServingDefaults("Describe.", 64, 64), repetition_guard=None)
+    unguarded = free.generate(image, "Describe.", 64)
+    assert unguarded.finish_reason == "length" and unguarded.completion_tokens == 64
+    inputs = free.build_inputs(image, "Describe.")
+    with torch.inference_mode():
+        tokens = free.model.generate(**inputs, generation_config=free.generation_config, max_new_tokens=64)
+    generated = tokens[0, inputs["input_ids"].shape[1]:].tolist()
+    trip_at = next(i for i in range(1, len(generated) + 1) if guard.tripped(generated[:i]))
+    guarded = Engine(loaded, ServingDefaults("Describe.", 64, 64), repetition_guard=guard)
+    result = guarded.generate(image, "Describe.", 64)
+    assert result.finish_reason == "repetition"
+    assert result.completion_tokens == trip_at < 64
+
+
+def test_truncated_answer_is_flagged_in_the_response(tiny_client):
+    body = tiny_client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                            data={"max_new_tokens": "5"}).json()
+    assert body["metadata"]["finish_reason"] == "length"
+    # The random model writes no table: the raw answer is kept and the reason is given.
+    assert body["table"] is None and body["table_error"]

@@ -20,7 +20,7 @@ def client(tiny_model_dir):
     from app.settings import Settings
 
     settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
-                        device="cpu")
+                        device="cpu", torch_dtype="float32")
     with TestClient(create_app(settings)) as client:
         wait_for_status(client, "healthy")
         yield client

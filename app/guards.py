@@ -1,0 +1,29 @@
+"""Degenerate-repetition detection on generated token ids (a known failure of OCR-style VLMs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class RepetitionGuard:
+    """Trips when the output ends in one pattern of up to ``max_period`` tokens repeated at least
+    ``min_repeats`` times over at least ``min_span`` tokens: "<<<<<<<<…", or the same table row again and
+    again. A table's own regularity (a separator row, rows that differ in a number) stays below that."""
+
+    max_period: int = 64
+    min_repeats: int = 4
+    min_span: int = 48
+
+    def tripped(self, tokens: Sequence[int]) -> bool:
+        tail = list(tokens[-self.max_period * max(self.min_repeats, 1) * 4:])
+        for period in range(1, self.max_period + 1):
+            repeats = max(self.min_repeats, -(-self.min_span // period))  # ceil(min_span / period)
+            span = period * repeats
+            if span > len(tail):
+                continue
+            pattern = tail[-period:]
+            if tail[-span:] == pattern * repeats:
+                return True
+        return False
