@@ -35,7 +35,7 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
 
 COPY app ./app
 
-USER app
+USER ${APP_UID}
 EXPOSE 8002
 # Start period: the first start may download the model (~4.5 GB) before it can be healthy.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \

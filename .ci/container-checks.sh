@@ -16,6 +16,9 @@ NGINX_PORT=18004
 WHEEL_PORT=18765
 DOCKERD_PID= WHEEL_PID=
 t0=$(date +%s)
+# Debian's docker.io CLI (20.10) builds with its built-in BuildKit; a newer CLI elsewhere on PATH wants
+# the buildx plugin, which Debian does not package.
+docker() { /usr/bin/docker "$@"; }
 step() { echo "--- [$(( $(date +%s) - t0 )) s] $*"; }
 
 cleanup() {
@@ -36,9 +39,9 @@ cleanup() {
 trap cleanup EXIT
 
 step "tools"
-"$VENV/bin/pip" install -q -r .ci/requirements-container.txt
+"$VENV/bin/pip" install -q -r .ci/requirements-container.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
 need=()
-command -v dockerd >/dev/null || need+=(docker.io)
+[ -x /usr/bin/docker ] && command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -69,7 +72,9 @@ tar -C "$WORK/rootfs" -c . | docker import - vlm-ci/base:bookworm >/dev/null
 docker tag vlm-ci/base:bookworm vlm-ci/nginx:bookworm
 
 step "wheelhouse from this machine (torch from local disk, not a multi-GB download)"
-"$VENV/bin/pip" download -q --only-binary=:all: -d "$WORK/wheels" -r requirements.txt
+"$VENV/bin/pip" download -q --only-binary=:all: -d "$WORK/wheels" -r requirements.txt 2>&1 |
+  { grep -v "^WARNING: Location" || true; }
+ls "$WORK/wheels" | grep -q '^torch-2' || { echo "wheelhouse has no torch wheel"; exit 1; }
 (cd "$WORK/wheels" && exec python3 -m http.server --bind 127.0.0.1 "$WHEEL_PORT") >/dev/null 2>&1 &
 WHEEL_PID=$!
 
@@ -82,7 +87,7 @@ DOCKER_BUILDKIT=1 docker build --network host --progress plain \
 docker image ls vlm-inference:ci --format 'image size: {{.Size}}'
 
 step "tiny model in the seed's volume folders"
-"$VENV/bin/python" -m app.demo "$WORK/tiny" >/dev/null
+"$VENV/bin/python" -m app.demo "$WORK/tiny" >/dev/null 2>&1
 mkdir -p docker-volumes/base-model/ci-tiny
 cp -r "$WORK/tiny/base-model/." docker-volumes/base-model/ci-tiny/
 cp -r "$WORK/tiny/weights/." docker-volumes/weights/
@@ -125,7 +130,9 @@ uid=$(docker exec vlm-ci id -u)
 [ "$uid" != 0 ] || { echo "the service runs as root"; exit 1; }
 docker exec vlm-ci sh -c 'test -w /root/.cache/huggingface' || { echo "cache not writable"; exit 1; }
 echo "runs as uid $uid; the mounted model cache is writable"
-docker logs vlm-ci 2>&1 | head -3 | "$VENV/bin/python" -c 'import json,sys; [json.loads(l) for l in sys.stdin]; print("logs are JSON lines")'
+docker logs vlm-ci >"$ART/container.log" 2>&1
+"$VENV/bin/python" -c 'import json,sys; n=sum(1 for l in open(sys.argv[1]) if json.loads(l)); print(n, "log lines, all JSON")' \
+  "$ART/container.log"
 stop_started=$(date +%s)
 docker stop -t 40 vlm-ci >/dev/null
 code=$(docker inspect -f '{{.State.ExitCode}}' vlm-ci)

@@ -15,8 +15,8 @@ from .imaging import ACCEPTED_TEXT
 from .metrics import wants_prometheus
 from .protocol import ErrorBody, HealthResponse, InferResponse, MetricsResponse, ServiceInfo
 from .requestid import current_request_id
-from .table import to_csv, to_markdown
 from .serving import InferenceService, InferParams
+from .table import to_csv, to_markdown
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
@@ -26,7 +29,8 @@ class DecoderPool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_exit_with_parent, initargs=(os.getpid(),))
 
     def _recycle(self, pool: ProcessPoolExecutor) -> None:
         """Kill ``pool``'s workers (one may be spinning forever) and put a fresh pool in its place."""
@@ -66,3 +70,14 @@ class DecoderPool:
 
 def _noop() -> None:
     return None
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a worker whose server was killed (SIGKILL, OOM) must not live on as an orphan."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

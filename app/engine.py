@@ -6,8 +6,8 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -51,38 +51,72 @@ class GenerationResult:
     first_token_time_s: float | None = None  # prefill, vision encoder included
 
 
-class _StepWatch(StoppingCriteria):
-    """Called after every decoding step: stops generation once the request's cancel flag is set
-    (deadline, disconnect) or the output degenerates into repetition, and notes when the first token
-    came out (the end of prefill)."""
+@dataclass
+class GenerationRequest:
+    """One row of a batch. ``on_done`` is called on the model thread as soon as this row finishes,
+    even while other rows of its batch still generate."""
 
-    def __init__(self, cancel: threading.Event, prompt_length: int, guard: RepetitionGuard | None):
-        self.cancel = cancel
-        self.prompt_length = prompt_length
-        self.guard = guard
+    image: Image.Image
+    prompt: str
+    max_new_tokens: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[GenerationResult], None] = lambda result: None
+    result: GenerationResult | None = None
+
+
+class _BatchWatch(StoppingCriteria):
+    """Called after every decoding step. Decides per row whether it is finished (end of turn, its own
+    max_new_tokens, cancelled by deadline or disconnect, degenerate repetition), hands each finished row
+    its result right away, and notes when the first token came out (the end of prefill)."""
+
+    def __init__(self, engine: "Engine", requests: list[GenerationRequest], inputs: Any, started: float,
+                 preprocessed: float):
+        self.engine = engine
+        self.requests = requests
+        self.prompt_length = int(inputs["input_ids"].shape[1])
+        self.prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        merge = engine.processor.image_processor.merge_size ** 2
+        self.image_tokens = (inputs["image_grid_thw"].prod(dim=-1) // merge).tolist()
+        self.started, self.preprocessed = started, preprocessed
         self.first_token_at: float | None = None
-        self.repetition = False
+        self.done = [False] * len(requests)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        stop = self.cancel.is_set()
-        if not stop and self.guard is not None:
-            generated = input_ids[0, self.prompt_length:]
-            if generated.shape[0] >= self.guard.min_span:
-                self.repetition = stop = self.guard.tripped(generated[-self.guard.max_period * 8:].tolist())
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        generated = input_ids[:, self.prompt_length:]
+        for row, request in enumerate(self.requests):
+            if not self.done[row]:
+                reason = self.engine.finish_reason(generated[row], request)
+                if reason is not None:
+                    self.finish(row, generated[row].tolist(), reason)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    def finish(self, row: int, tokens: list[int], reason: str) -> None:
+        self.done[row] = True
+        request = self.requests[row]
+        now = time.perf_counter()
+        request.result = GenerationResult(
+            text=self.engine.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            prompt_tokens=int(self.prompt_tokens[row]), completion_tokens=len(tokens),
+            image_tokens=int(self.image_tokens[row]), finish_reason=reason,
+            preprocess_time_s=self.preprocessed - self.started, generation_time_s=now - self.preprocessed,
+            first_token_time_s=(self.first_token_at or now) - self.preprocessed,
+        )
+        request.on_done(request.result)
 
 
 class Engine:
     """Owns the loaded model and processor; every method is blocking and meant for the model thread."""
 
     def __init__(self, loaded: LoadedModel, defaults: ServingDefaults,
-                 repetition_guard: RepetitionGuard | None = RepetitionGuard()):
+                 repetition_guard: RepetitionGuard | None = RepetitionGuard(), force_max_new_tokens: bool = False):
         self.loaded = loaded
+        self.force_max_new_tokens = force_max_new_tokens
         self.repetition_guard = repetition_guard
         self.model = loaded.model
         self.processor = loaded.processor
+        self.processor.tokenizer.padding_side = "left"  # rows of a batch must end where generation starts
         self.defaults = defaults
         image_processor = self.processor.image_processor
         factor = image_processor.patch_size * image_processor.merge_size
@@ -101,44 +135,62 @@ class Engine:
         eos = config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
-    def build_inputs(self, image: Image.Image, prompt: str) -> Any:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=[text], images=[image], return_tensors="pt")
+    def build_inputs(self, images: list[Image.Image], prompts: list[str]) -> Any:
+        """Chat-templated, left-padded model inputs for a batch of (image, prompt)."""
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                add_generation_prompt=True, tokenize=False,
+            )
+            for prompt in prompts
+        ]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         return inputs.to(self.model.device)
+
+    def finish_reason(self, generated: torch.Tensor, request: GenerationRequest) -> str | None:
+        """Why this row is finished after the latest step, or None while it goes on."""
+        if request.cancel.is_set():
+            return "cancelled"
+        count = int(generated.shape[0])
+        if self.force_max_new_tokens:
+            return "length" if count >= request.max_new_tokens else None
+        if count and int(generated[-1]) in self.eos_ids:
+            return "stop"
+        if count >= request.max_new_tokens:
+            return "length"
+        guard = self.repetition_guard
+        if guard is not None and count >= guard.min_span and guard.tripped(
+                generated[-guard.max_period * 8:].tolist()):
+            return "repetition"
+        return None
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Greedy generation for several images at once (left padding, one forward pass per step for
+        all rows). Each row stops on its own terms and gets its result as soon as it stops."""
+        started = time.perf_counter()
+        inputs = self.build_inputs([r.image for r in requests], [r.prompt for r in requests])
+        watch = _BatchWatch(self, requests, inputs, started, time.perf_counter())
+        config = copy.copy(self.generation_config)
+        config.max_new_tokens = max(r.max_new_tokens for r in requests)
+        if self.force_max_new_tokens:  # benchmarks: comparable runs need a fixed token count
+            config.min_new_tokens = config.max_new_tokens
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, generation_config=config,
+                                         stopping_criteria=StoppingCriteriaList([watch]))
+        generated = output[:, watch.prompt_length:]
+        for row, request in enumerate(requests):
+            if request.result is None:  # generate() ended by itself (e.g. every row at end of turn)
+                tokens = generated[row].tolist()
+                while tokens and tokens[-1] == config.pad_token_id and config.pad_token_id not in self.eos_ids:
+                    tokens.pop()
+                watch.finish(row, tokens, self.finish_reason(generated[row], request) or "stop")
+        return [request.result for request in requests]
 
     def generate(self, image: Image.Image, prompt: str, max_new_tokens: int,
                  cancel: threading.Event | None = None) -> GenerationResult:
         """Greedy generation for one image. ``cancel`` stops it at the next token."""
-        cancel = cancel or threading.Event()
-        started = time.perf_counter()
-        inputs = self.build_inputs(image, prompt)
-        merge = self.processor.image_processor.merge_size ** 2
-        image_tokens = int(inputs["image_grid_thw"].prod(dim=-1).sum()) // merge
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        preprocessed = time.perf_counter()
-        config = copy.copy(self.generation_config)
-        config.max_new_tokens = max_new_tokens
-        watch = _StepWatch(cancel, prompt_tokens, self.repetition_guard)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=config,
-                                         stopping_criteria=StoppingCriteriaList([watch]))
-        generated = output[0, prompt_tokens:].tolist()
-        finished = time.perf_counter()
-        if cancel.is_set():
-            reason = "cancelled"
-        elif watch.repetition:
-            reason = "repetition"
-        elif generated and generated[-1] in self.eos_ids:
-            reason = "stop"
-        elif len(generated) >= max_new_tokens:
-            reason = "length"
-        else:
-            reason = "stop"
-        text = self.processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
-        first_token_s = watch.first_token_at - preprocessed if watch.first_token_at else None
-        return GenerationResult(text, prompt_tokens, len(generated), image_tokens, reason,
-                                preprocessed - started, finished - preprocessed, first_token_s)
+        request = GenerationRequest(image, prompt, max_new_tokens, cancel or threading.Event())
+        return self.generate_batch([request])[0]
 
     def warmup(self) -> GenerationResult:
         """One short generation on a synthetic diagram-like image, so the first request pays no setup."""

@@ -10,9 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import (InvalidRequestError, MethodNotAllowedError, MissingFieldError, NotFoundError,
-                     ServiceError)
 from .access import note
+from .errors import InvalidRequestError, MethodNotAllowedError, MissingFieldError, NotFoundError, ServiceError
 from .protocol import ErrorResponse
 from .requestid import current_request_id
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
-                               ProcessCollector)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import choose_encoder
 
 # Diagram requests take seconds to minutes: buckets from 50 ms to 10 min.

@@ -19,6 +19,8 @@ class InferMetadata(BaseModel):
     request_id: str | None
     inference_time: float = Field(description="seconds from admission to answer, queue wait included")
     generation_time: float = Field(description="seconds spent in generate()")
+    first_token_time: float | None = Field(None, description="seconds from generate() start to the first token "
+                                           "(prefill, vision encoder included)")
     preprocess_time: float = Field(description="seconds decoding the upload and building model inputs")
     queue_time: float = Field(description="seconds waited for the model")
     image_size: list[int] = Field(description="[width, height] as received", examples=[[1024, 768]])

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable
 
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 RETRY_AFTER_BUSY_S = 2
 
@@ -46,15 +45,50 @@ class Ticket:
             self._runner._pending -= 1
 
 
+class _Job:
+    """A queued generation and the event-loop future its result goes to."""
+
+    def __init__(self, request: Any, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.request, self.loop, self.future = request, loop, future
+        self.queued_at = time.perf_counter()
+        self.started_at: float | None = None
+
+    def abandoned(self) -> bool:
+        """Timed out or disconnected while queued: never touches the device."""
+        return self.request.cancel.is_set()
+
+    def resolve(self, result: Any) -> None:  # called on the model thread
+        self.loop.call_soon_threadsafe(_settle, self.future, result, None)
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+_STOP = object()
+
+
 class Runner:
     """Runs model work on a single dedicated thread, behind a bounded admission count.
 
-    At most ``max_queue`` requests wait behind the one running; more are refused at once (503), so a
-    burst sheds load instead of piling up memory and latency.
+    Requests queue for that thread, which generates whatever is queued as one batch (up to
+    ``max_batch_size``). At most ``max_queue`` requests wait beyond a full batch; more are refused at
+    once (503), so a burst sheds load instead of piling up memory and latency.
     """
 
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, max_batch_size: int = 1, batch_wait_s: float = 0.0):
         self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self._queue: queue.Queue = queue.Queue()
         self.state = ModelState.loading
         self.failure_reason: str | None = None
         self.engine: Any = None
@@ -93,6 +127,7 @@ class Runner:
             logger.error("model load failed: %s", self.failure_reason, exc_info=not _is_expected(error))
             return
         self.engine = engine
+        self._executor.submit(self._batch_loop)
         self.load_time_s = time.perf_counter() - started
         if self.state == ModelState.loading:
             self.state = ModelState.ready
@@ -103,7 +138,7 @@ class Runner:
         if self.state != ModelState.ready:
             message, retry_after_s = _NOT_READY[self.state]
             raise NotReadyError(message, headers={"Retry-After": str(retry_after_s)})
-        if self._pending >= self.max_queue + 1:
+        if self._pending >= self.max_queue + self.max_batch_size:
             raise OverloadedError(
                 f"too many requests in flight ({self._pending}); retry shortly",
                 headers={"Retry-After": str(RETRY_AFTER_BUSY_S)},
@@ -111,33 +146,64 @@ class Runner:
         self._pending += 1
         return Ticket(self)
 
-    async def run(self, work: Callable[[threading.Event], T], *, timeout_s: float | None = None,
-                  on_start: Callable[[], None] | None = None) -> T:
-        """Run ``work(cancel)`` on the model thread. Past ``timeout_s`` (or if the caller is cancelled, e.g.
-        a client disconnect) the cancel flag is set, so generation stops at its next step and the device
-        is free for the next request."""
-        cancel = threading.Event()
+    async def generate(self, image: Any, prompt: str, max_new_tokens: int, *,
+                       timeout_s: float | None = None) -> tuple[Any, float]:
+        """Queue one generation for the batching thread; return (result, seconds it waited for the
+        model). Past ``timeout_s``, or if the caller is cancelled (client disconnect), the row's cancel
+        flag is set: it stops at its next step and frees its place in the batch."""
+        from .engine import GenerationRequest
 
-        def on_thread() -> T:
-            if cancel.is_set():  # gave up while queued: do not touch the device at all
-                raise asyncio.CancelledError()
-            self._running += 1  # only the model thread writes while the loop reads: a plain int is fine
-            try:
-                if on_start is not None:
-                    on_start()
-                return work(cancel)
-            finally:
-                self._running -= 1
-
-        future = asyncio.get_running_loop().run_in_executor(self._executor, on_thread)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        job = _Job(GenerationRequest(image, prompt, max_new_tokens), loop, future)
+        job.request.on_done = job.resolve
+        self._queue.put(job)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except asyncio.TimeoutError:
-            cancel.set()
+            job.request.cancel.set()
             raise DeadlineExceededError(f"the request did not finish within {timeout_s:g} s") from None
         except asyncio.CancelledError:
-            cancel.set()
+            job.request.cancel.set()
             raise
+        return result, (job.started_at or job.queued_at) - job.queued_at
+
+    def _batch_loop(self) -> None:
+        """The model thread's life after loading: take what is queued (waiting up to batch_wait_s for
+        company when alone), generate it as one batch, repeat."""
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                batch.append(job)
+            self._run_batch([job for job in batch if not job.abandoned()])
+
+    def _run_batch(self, jobs: list["_Job"]) -> None:
+        if not jobs:
+            return
+        started = time.perf_counter()
+        for job in jobs:
+            job.started_at = started
+        self._running = len(jobs)  # only this thread writes; the loop only reads
+        try:
+            self.engine.generate_batch([job.request for job in jobs])
+        except Exception as error:  # a bug or device error: fail these requests, keep serving
+            logger.exception("generation failed for a batch of %d", len(jobs))
+            for job in jobs:
+                job.fail(error)
+        finally:
+            self._running = 0
 
     def begin_drain(self) -> None:
         if self.state in (ModelState.ready, ModelState.loading):
@@ -151,6 +217,7 @@ class Runner:
         return self._pending == 0
 
     def close(self) -> None:
+        self._queue.put(_STOP)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from . import SERVICE_NAME, __version__
+from .access import note
+from .decoder import DecoderPool
 from .device import Placement, resolve_placement
 from .engine import Engine, GenerationResult, ServingDefaults
-from .guards import RepetitionGuard
-from .access import note
 from .errors import DeadlineExceededError, InvalidRequestError, ServiceError
-from .decoder import DecoderPool
+from .guards import RepetitionGuard
 from .imaging import PreparedImage
 from .loader import load_model
-from .protocol import (HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo, StepRow,
-                       TableData)
+from .metrics import Metrics
+from .protocol import HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo, StepRow, TableData
 from .requestid import current_request_id
 from .runner import ModelState, Runner, Ticket
 from .settings import Settings
-from .metrics import Metrics
-from .table import TableNotFoundError, parse_table
 from .stats import InferenceStats, gpu_memory_bytes, gpu_memory_gb
-
-from . import SERVICE_NAME, __version__
+from .table import TableNotFoundError, parse_table
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +55,7 @@ class InferenceService:
 
     def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None):
         self.settings = settings
-        self.runner = Runner(settings.max_queue)
+        self.runner = Runner(settings.max_queue, settings.max_batch_size, settings.batch_wait_ms / 1000)
         # Tests inject a fake factory where HTTP behaviour, not the model, is the point.
         self.engine_factory = engine_factory or self.build_engine
         self.decoder = DecoderPool(settings.decode_workers)
@@ -76,7 +73,8 @@ class InferenceService:
         self.placement = resolve_placement(self.settings.device, self.settings.torch_dtype)
         loaded = load_model(self.settings, self.placement)
         engine = Engine(loaded, ServingDefaults.from_sources(self.settings, loaded.params),
-                        repetition_guard=RepetitionGuard() if self.settings.repetition_guard else None)
+                        repetition_guard=RepetitionGuard() if self.settings.repetition_guard else None,
+                        force_max_new_tokens=self.settings.force_max_new_tokens)
         if self.settings.warmup:
             started = time.perf_counter()
             engine.warmup()
@@ -110,12 +108,8 @@ class InferenceService:
         try:
             prepared = await self._decode(data, engine, params.page, deadline)
             decoded = time.perf_counter()
-            on_device: list[float] = []
-            result: GenerationResult = await self.runner.run(
-                lambda cancel: engine.generate(prepared.image, prompt, max_new_tokens, cancel),
-                timeout_s=max(deadline - decoded, 0.001),
-                on_start=lambda: on_device.append(time.perf_counter()),
-            )
+            result, queue_s = await self.runner.generate(prepared.image, prompt, max_new_tokens,
+                                                         timeout_s=max(deadline - decoded, 0.001))
         except ServiceError as error:
             self.stats.failed_count += 1
             if isinstance(error, DeadlineExceededError):
@@ -123,8 +117,7 @@ class InferenceService:
             raise
         finished = time.perf_counter()
         self.stats.record_success(finished - started, result.prompt_tokens, result.completion_tokens)
-        metadata = self._metadata(engine, prepared, result, finished - started,
-                                  (on_device[0] - decoded) if on_device else 0.0,
+        metadata = self._metadata(engine, prepared, result, finished - started, queue_s,
                                   (decoded - started) + result.preprocess_time_s, max_new_tokens)
         self._observe(metadata, result)
         return build_response(result.text, metadata)
@@ -169,6 +162,7 @@ class InferenceService:
             request_id=current_request_id(),
             inference_time=round(total_s, 4),
             generation_time=round(result.generation_time_s, 4),
+            first_token_time=round(result.first_token_time_s, 4) if result.first_token_time_s is not None else None,
             preprocess_time=round(preprocess_s, 4),
             queue_time=round(queue_s, 4),
             image_size=list(prepared.received_size),

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = Field(LogFormat.text, description="text for local runs; the container sets json")
     max_queue: int = Field(8, ge=0, le=10_000, description="requests allowed to wait behind the running one")
+    max_batch_size: int = Field(8, ge=1, le=256, description="requests generated together in one batch")
+    batch_wait_ms: float = Field(10.0, ge=0, le=10_000,
+                                 description="how long a lone request waits for others to batch with")
     max_image_tokens: int = Field(1024, ge=4, le=16_384,
                                   description="vision-token budget per image (one token per 32x32 px)")
     max_decoded_pixels: int = Field(50_000_000, ge=10_000, description="decompression-bomb limit, in pixels")
@@ -70,6 +73,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, /infer requires it")
     metrics_require_key: bool = Field(False, description="also require API_KEY on /metrics")
+    force_max_new_tokens: bool = Field(False, description="benchmarks only: never stop before max_new_tokens")
     repetition_guard: bool = Field(True, description="stop generation that degenerates into repetition")
     warmup: bool = Field(True, description="run one generation before reporting ready")
     demo_dir: Path = Field(Path.home() / ".cache" / "vlm-inference" / "demo",

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
 
 MID_SIZE_CONFIG = Path(__file__).with_name("qwen3_vl_mid_config.json")

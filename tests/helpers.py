@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
 from types import SimpleNamespace
 
@@ -38,19 +37,29 @@ class FakeEngine:
         self.generate_s = generate_s
         self.text = text
         self.calls = 0
+        self.batch_sizes: list[int] = []
         self.geometry = VisionGeometry(factor=32, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
         self.defaults = ServingDefaults(prompt="prompt", max_new_tokens=16, max_image_tokens=64)
         self.loaded = SimpleNamespace(model_id="fake-model", adapter=None,
                                       placement=Placement("cpu", torch.float32))
 
-    def generate(self, image, prompt, max_new_tokens, cancel: threading.Event | None = None) -> GenerationResult:
+    def generate_batch(self, requests) -> list[GenerationResult]:
+        """Every row takes ``generate_s``, all rows at once; a cancelled row ends at its next step."""
         self.calls += 1
-        deadline = time.perf_counter() + self.generate_s
-        while time.perf_counter() < deadline:
-            if cancel is not None and cancel.is_set():
-                return GenerationResult("", 10, 1, 4, "cancelled", 0.0, self.generate_s)
+        self.batch_sizes.append(len(requests))
+        started = time.perf_counter()
+        pending = list(requests)
+        while pending:
+            elapsed = time.perf_counter() - started
+            for request in list(pending):
+                if request.cancel.is_set() or elapsed >= self.generate_s:
+                    reason = "cancelled" if request.cancel.is_set() else "stop"
+                    request.result = GenerationResult(self.text if reason == "stop" else "", 10, 5, 4, reason,
+                                                      0.0, elapsed, 0.0)
+                    request.on_done(request.result)
+                    pending.remove(request)
             time.sleep(0.01)
-        return GenerationResult(self.text, 10, 5, 4, "stop", 0.0, self.generate_s)
+        return [request.result for request in requests]
 
 
 def fake_factory(engine: FakeEngine | None = None, load_s: float = 0.0, error: Exception | None = None):

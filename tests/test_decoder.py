@@ -68,3 +68,30 @@ def test_typed_errors_cross_the_process_boundary():
         run(scenario())
     finally:
         pool.close()
+
+
+def test_workers_exit_when_their_server_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import asyncio, os, sys\n"
+              "from app.decoder import DecoderPool\n"
+              "pool = DecoderPool(2)\n"
+              "asyncio.run(pool.warm())\n"
+              "print(' '.join(str(p) for p in pool._pool._processes), flush=True)\n"
+              "import time; time.sleep(60)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(__file__)))
+    workers = [int(pid) for pid in server.stdout.readline().split()]
+    assert len(workers) == 2
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+        time.sleep(0.2)
+    assert not alive, f"orphaned decoder workers: {alive}"

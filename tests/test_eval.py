@@ -8,8 +8,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from app.eval import format_report, evaluate, read_expected, score_rows
 from app.bpmn import ExpectedRow
+from app.eval import evaluate, format_report, read_expected, score_rows
 from app.main import create_app
 from app.serving import InferenceService
 from app.settings import Settings

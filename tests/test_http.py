@@ -68,7 +68,7 @@ def test_health_answers_fast_while_generation_runs():
 
 def test_queue_full_is_refused_at_once_with_retry_after():
     engine = FakeEngine(generate_s=2.0)
-    with make_client(engine=engine, max_queue=0) as client:
+    with make_client(engine=engine, max_queue=0, max_batch_size=1) as client:
         wait_for_status(client, "healthy")
         worker = threading.Thread(target=lambda: post_png(client))
         worker.start()

@@ -6,11 +6,11 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from app.errors import (InvalidImageError, InvalidRequestError, PayloadTooLargeError, ServiceError,
-                        UnsupportedMediaError)
+from app.errors import InvalidImageError, InvalidRequestError, PayloadTooLargeError, ServiceError, UnsupportedMediaError
 from app.imaging import VisionGeometry, model_size, prepare_image, sniff_format
 
 from .helpers import diagram_png

@@ -15,7 +15,6 @@ from app.device import resolve_placement
 from app.engine import Engine, ServingDefaults
 from app.loader import ModelLoadError, load_model
 from app.main import create_app
-from app.serving import InferenceService
 from app.settings import Device, TorchDType
 
 from .helpers import diagram_png, wait_for_status
@@ -93,11 +92,12 @@ def test_merged_model_equals_unmerged_peft_and_differs_from_base(tiny_model_dir,
 
     merged = load(tiny_settings())
     engine = Engine(merged, ServingDefaults("Describe.", 4, 64))
-    from PIL import Image
     import io
 
+    from PIL import Image
+
     image = Image.open(io.BytesIO(diagram_png(320, 256))).convert("RGB")
-    inputs = engine.build_inputs(image, "Describe.")
+    inputs = engine.build_inputs([image], ["Describe."])
     base_dir = str(tiny_model_dir / "base-model")
     base = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
@@ -182,9 +182,11 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_settings, caplog):
 
 
 def test_repetition_guard_stops_generation_on_the_tiny_model(tiny_settings):
-    from app.guards import RepetitionGuard
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from app.guards import RepetitionGuard
 
     loaded = load(tiny_settings())
     image = Image.open(io.BytesIO(diagram_png(320, 240))).convert("RGB")
@@ -193,7 +195,7 @@ def test_repetition_guard_stops_generation_on_the_tiny_model(tiny_settings):
     free = Engine(loaded, ServingDefaults("Describe.", 64, 64), repetition_guard=None)
     unguarded = free.generate(image, "Describe.", 64)
     assert unguarded.finish_reason == "length" and unguarded.completion_tokens == 64
-    inputs = free.build_inputs(image, "Describe.")
+    inputs = free.build_inputs([image], ["Describe."])
     with torch.inference_mode():
         tokens = free.model.generate(**inputs, generation_config=free.generation_config, max_new_tokens=64)
     generated = tokens[0, inputs["input_ids"].shape[1]:].tolist()

@@ -50,7 +50,11 @@ def running_server(tiny_model_dir, **env: str):
         yield base, process
     finally:
         if process.poll() is None:
-            process.kill()
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait(timeout=30)
 
 

@@ -1,0 +1,225 @@
+"""Throughput and latency of the running service: our configuration vs the seed's naive one, same run.
+
+Starts the service itself (a subprocess on loopback) once per configuration and drives it with
+concurrent clients. Prints, per model, configuration and concurrency: p50/p95 latency, time to first
+token, decode tokens/s, diagrams/min and the service's peak RSS, then the ratios ours / naive.
+
+    python bench/serve_bench.py --model tiny                       # the offline demo model (~2 min)
+    python bench/serve_bench.py --model full --concurrency 1,4     # Qwen3-VL-2B dimensions, random weights
+
+"naive" = the seed: float16, one request at a time, no pixel budget. Every request is forced to exactly
+--new-tokens tokens (FORCE_MAX_NEW_TOKENS) so runs are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONFIGS = {
+    "ours": {"TORCH_DTYPE": "auto", "MAX_BATCH_SIZE": "16", "BATCH_WAIT_MS": "20", "MAX_IMAGE_TOKENS": "1024"},
+    "naive": {"TORCH_DTYPE": "float16", "MAX_BATCH_SIZE": "1", "BATCH_WAIT_MS": "0", "MAX_IMAGE_TOKENS": "16384"},
+}
+
+
+def diagram(width: int, height: int) -> bytes:
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for lane in range(3):
+        top = 20 + lane * (height - 40) // 3
+        draw.rectangle((20, top, width - 20, top + (height - 40) // 3 - 10), outline="black", width=2)
+        for box in range(4):
+            left = 120 + box * (width - 160) // 4
+            draw.rectangle((left, top + 30, left + 120, top + 90), outline="blue", width=2)
+            draw.text((left + 8, top + 50), f"Step {lane * 4 + box + 1}", fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Service:
+    def __init__(self, model_env: dict[str, str], config_env: dict[str, str], new_tokens: int, log: Path):
+        self.port = free_port()
+        env = {**os.environ, **model_env, **config_env, "HOST": "127.0.0.1", "PORT": str(self.port),
+               "DEVICE": os.environ.get("BENCH_DEVICE", "cpu"), "MAX_NEW_TOKENS": str(new_tokens),
+               "FORCE_MAX_NEW_TOKENS": "true", "MAX_QUEUE": "64", "REQUEST_TIMEOUT_S": "7200",
+               "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
+        self.log = log.open("w")
+        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 1800) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("service never became ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def drive(base: str, png: bytes, concurrency: int, requests: int) -> dict[str, float]:
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    decode_rates: list[float] = []
+    lock = threading.Lock()
+
+    def one(_: int) -> None:
+        started = time.perf_counter()
+        response = httpx.post(f"{base}/infer", files={"file": ("d.png", png, "image/png")}, timeout=7200)
+        elapsed = time.perf_counter() - started
+        response.raise_for_status()
+        meta = response.json()["metadata"]
+        decode_s = meta["generation_time"] - (meta["first_token_time"] or 0)
+        with lock:
+            latencies.append(elapsed)
+            ttfts.append(meta["queue_time"] + meta["preprocess_time"] + (meta["first_token_time"] or 0))
+            if meta["completion_tokens"] > 1 and decode_s > 0:
+                decode_rates.append((meta["completion_tokens"] - 1) / decode_s)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "p50_s": statistics.median(latencies),
+        "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "ttft_s": statistics.median(ttfts),
+        "decode_tok_s": statistics.median(decode_rates) if decode_rates else float("nan"),
+        "diagrams_per_min": 60 * requests / wall,
+    }
+
+
+def tiny_model_env() -> dict[str, str]:
+    from app.demo import ensure_built
+
+    built = ensure_built(Path(tempfile.gettempdir()) / "vlm-bench" / "tiny")
+    return {"BASE_MODEL_ID": str(built / "base-model"), "ADAPTER_PATH": str(built / "weights")}
+
+
+def full_model_env() -> dict[str, str]:
+    """Qwen3-VL-2B dimensions with random weights, saved once (bf16, ~4.3 GB) so the service loads it."""
+    import torch
+    from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
+
+    folder = Path(tempfile.gettempdir()) / "vlm-bench" / "qwen3-vl-2b-random"
+    if not (folder / "config.json").is_file():
+        tokenizer, processor = tokenizer_and_processor()
+        model = build_model(build_config(FULL_SIZE_CONFIG, tokenizer), dtype=torch.bfloat16)
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(str(folder))
+        processor.save_pretrained(str(folder))
+        del model
+    return {"BASE_MODEL_ID": str(folder), "ADAPTER_PATH": str(folder / "no-adapter")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests-per-client", type=int, default=None,
+                        help="requests per client at each concurrency (default: tiny 6, full 1)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: tiny 64, full 128")
+    parser.add_argument("--image", default="1024x768")
+    parser.add_argument("--configs", default="ours,naive")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    per_client = args.requests_per_client or (6 if args.model == "tiny" else 1)
+    new_tokens = args.new_tokens or (64 if args.model == "tiny" else 128)
+    width, height = (int(v) for v in args.image.split("x"))
+    png = diagram(width, height)
+    model_env = tiny_model_env() if args.model == "tiny" else full_model_env()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(f"model={args.model} image={width}x{height} new_tokens={new_tokens} machine={platform.machine()} "
+          f"cpus={os.cpu_count()} python={platform.python_version()}", flush=True)
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    logs = Path(tempfile.mkdtemp(prefix="vlm-bench-logs-"))
+    for name in args.configs.split(","):
+        service = Service(model_env, CONFIGS[name], new_tokens, logs / f"{name}.log")
+        try:
+            service.wait_ready()
+            drive(service.base, png, 1, 1)  # warm caches outside the measurement
+            results[name] = {}
+            for concurrency in levels:
+                figures = drive(service.base, png, concurrency, concurrency * per_client)
+                figures["peak_rss_mb"] = peak_rss_mb(service.process.pid)
+                results[name][concurrency] = figures
+                print(f"  {name:<6} c={concurrency:<3} " + "  ".join(f"{k}={v:.3f}" for k, v in figures.items()),
+                      flush=True)
+        finally:
+            service.stop()
+    columns = ["p50_s", "p95_s", "ttft_s", "decode_tok_s", "diagrams_per_min", "peak_rss_mb"]
+    print(f"\n| config | concurrency | {' | '.join(columns)} |")
+    print("|---|---:|" + "---:|" * len(columns))
+    for name, by_level in results.items():
+        for concurrency, figures in by_level.items():
+            print(f"| {name} | {concurrency} | " + " | ".join(f"{figures[c]:.3f}" for c in columns) + " |")
+    if {"ours", "naive"} <= set(results):
+        print("\n| concurrency | throughput ours/naive | p50 latency naive/ours | p95 latency naive/ours |")
+        print("|---:|---:|---:|---:|")
+        for concurrency in levels:
+            ours, naive = results["ours"][concurrency], results["naive"][concurrency]
+            print(f"| {concurrency} | {ours['diagrams_per_min'] / naive['diagrams_per_min']:.2f}x "
+                  f"| {naive['p50_s'] / ours['p50_s']:.2f}x | {naive['p95_s'] / ours['p95_s']:.2f}x |")
+        if 1 in results["ours"] and levels[-1] != 1:
+            top = levels[-1]
+            print(f"\nours: throughput at concurrency {top} vs one at a time (concurrency 1): "
+                  f"{results['ours'][top]['diagrams_per_min'] / results['ours'][1]['diagrams_per_min']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
