@@ -119,7 +119,8 @@ def _status_response(model: Any, ready: bool, error: NotReadyError | None = None
     summary="Readiness: 200 only when the model is loaded, merged, verified and warmed up",
     operation_id="read_health",
     tags=["operations"],
-    responses={503: {"model": HealthResponse, "description": "loading, failed or draining"}},
+    responses={503: {"model": HealthResponse, "description": "loading, failed or draining"},
+               **error_responses(500)},
 )
 async def read_health(service: ServiceDep) -> Any:
     health = service.health()
@@ -141,7 +142,7 @@ async def read_health(service: ServiceDep) -> Any:
     "`application/openmetrics-text` (what a Prometheus server sends), or with `?format=prometheus`.",
     operation_id="read_metrics",
     tags=["operations"],
-    responses={**error_responses(401),
+    responses={**error_responses(401, 500),
                200: {"content": {"text/plain": {"schema": {"type": "string"}},
                                  "application/openmetrics-text": {"schema": {"type": "string"}}},
                      "description": "JSON counters, or the Prometheus exposition"}},
@@ -158,6 +159,6 @@ async def read_metrics(
 
 
 @router.get("/", response_model=ServiceInfo, summary="What this service is and where to look next",
-            operation_id="read_root", tags=["operations"])
+            operation_id="read_root", tags=["operations"], responses=error_responses(500))
 async def read_root(service: ServiceDep) -> ServiceInfo:
     return service.info()

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,9 @@ def build_adapter(model, adapter_dir: Path) -> None:
     torch.manual_seed(SEED + 1)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0,
                         init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(adapter_dir))
     (adapter_dir / "README.md").unlink(missing_ok=True)  # peft's model-card stub; not part of our layout
     peft_model.unload()  # leave the caller's model as it was
@@ -166,6 +169,9 @@ def build_adapter(model, adapter_dir: Path) -> None:
 
 def build(out_dir: str | os.PathLike) -> Path:
     """Write ``OUT_DIR/base-model`` and ``OUT_DIR/weights``; return ``OUT_DIR``."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a few-kB model needs no progress bar
     out = Path(out_dir)
     base_dir, adapter_dir = out / "base-model", out / "weights"
     tokenizer = build_tokenizer(base_dir)

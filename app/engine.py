@@ -85,9 +85,10 @@ class _BatchWatch(StoppingCriteria):
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         generated = input_ids[:, self.prompt_length:]
+        last_tokens = generated[:, -1].tolist()  # one device->host copy per step, not one per row
         for row, request in enumerate(self.requests):
             if not self.done[row]:
-                reason = self.engine.finish_reason(generated[row], request)
+                reason = self.engine.finish_reason(generated[row], request, last_tokens[row])
                 if reason is not None:
                     self.finish(row, generated[row].tolist(), reason)
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
@@ -147,14 +148,15 @@ class Engine:
         inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         return inputs.to(self.model.device)
 
-    def finish_reason(self, generated: torch.Tensor, request: GenerationRequest) -> str | None:
+    def finish_reason(self, generated: torch.Tensor, request: GenerationRequest,
+                      last_token: int | None = None) -> str | None:
         """Why this row is finished after the latest step, or None while it goes on."""
         if request.cancel.is_set():
             return "cancelled"
         count = int(generated.shape[0])
         if self.force_max_new_tokens:
             return "length" if count >= request.max_new_tokens else None
-        if count and int(generated[-1]) in self.eos_ids:
+        if count and (last_token if last_token is not None else int(generated[-1])) in self.eos_ids:
             return "stop"
         if count >= request.max_new_tokens:
             return "length"

@@ -18,12 +18,15 @@ class RepetitionGuard:
 
     def tripped(self, tokens: Sequence[int]) -> bool:
         tail = list(tokens[-self.max_period * max(self.min_repeats, 1) * 4:])
+        last = len(tail) - 1
         for period in range(1, self.max_period + 1):
             repeats = max(self.min_repeats, -(-self.min_span // period))  # ceil(min_span / period)
             span = period * repeats
             if span > len(tail):
+                break  # longer periods need even longer spans
+            # Cheap test first: a repeating tail repeats its last token one period back.
+            if tail[last] != tail[last - period]:
                 continue
-            pattern = tail[-period:]
-            if tail[-span:] == pattern * repeats:
+            if tail[-span:] == tail[-period:] * repeats:
                 return True
         return False

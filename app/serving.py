@@ -148,11 +148,11 @@ class InferenceService:
     def _request_options(self, engine: Engine, params: InferParams) -> tuple[str, int]:
         defaults = engine.defaults
         prompt = params.prompt if params.prompt and params.prompt.strip() else defaults.prompt
-        max_new_tokens = params.max_new_tokens or defaults.max_new_tokens
-        if max_new_tokens > self.settings.max_new_tokens:
-            raise InvalidRequestError(
-                f"max_new_tokens={max_new_tokens} is over this service's limit of {self.settings.max_new_tokens}"
-            )
+        # The effective MAX_NEW_TOKENS (environment, else the adapter's params.json) is default and limit.
+        limit = defaults.max_new_tokens
+        max_new_tokens = params.max_new_tokens or limit
+        if max_new_tokens > limit:
+            raise InvalidRequestError(f"max_new_tokens={max_new_tokens} is over this service's limit of {limit}")
         return prompt, max_new_tokens
 
     def _metadata(self, engine: Engine, prepared: PreparedImage, result: GenerationResult, total_s: float,

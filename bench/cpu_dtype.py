@@ -42,7 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(MID_SIZE_CONFIG),
                         help=f"model config (mid-size by default; full size: {FULL_SIZE_CONFIG.name})")
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16",
+                        help="comma-separated: float32, bfloat16, float16, int8-dynamic")
     parser.add_argument("--image", default="1024x768")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--answer-tokens", type=int, default=200,
@@ -59,11 +60,21 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; image {width}x{height} = "
           f"{image_tokens} image tokens; {args.new_tokens} new tokens")
     rows = []
-    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
-        model.to(dtype)
+    for name in args.dtypes.split(","):
+        candidate = model
+        if name == "int8-dynamic":  # fp32 activations, int8 weights for every Linear (torch.ao dynamic)
+            from torch.ao.quantization import quantize_dynamic
+
+            model.to(torch.float32)
+            candidate = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+            dtype = torch.float32
+        else:
+            dtype = getattr(torch, name)
+            model.to(dtype)
         batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
-        measure(model, batch, 2)  # warm-up
-        rows.append((str(dtype).removeprefix("torch."), *measure(model, batch, args.new_tokens)))
+        measure(candidate, batch, 2)  # warm-up
+        rows.append((name, *measure(candidate, batch, args.new_tokens)))
+        del candidate
     base_first, base_token = rows[0][1], rows[0][2]
     n = args.answer_tokens
     base_total = base_first + n * base_token

@@ -34,3 +34,20 @@ def tiny_settings(tiny_model_dir):
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_model_dir):
+    """The real app serving the tiny model (float32), loaded once per test module."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    from .helpers import wait_for_status
+
+    settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
+                        device="cpu", torch_dtype="float32")
+    with TestClient(create_app(settings)) as client:
+        wait_for_status(client, "healthy")
+        yield client

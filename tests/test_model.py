@@ -23,17 +23,6 @@ SEED_FIELDS = {"inference_time", "generation_time", "image_size", "model", "devi
 TRUST_FIELDS = {"request_id", "prompt_tokens", "completion_tokens", "finish_reason", "adapter", "dtype"}
 
 
-@pytest.fixture(scope="module")
-def tiny_client(tiny_model_dir):
-    from app.settings import Settings
-
-    settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
-                        device="cpu", torch_dtype="float32")
-    with TestClient(create_app(settings)) as client:
-        wait_for_status(client, "healthy")
-        yield client
-
-
 def load(settings):
     return load_model(settings, resolve_placement(settings.device, settings.torch_dtype))
 

@@ -6,24 +6,16 @@ import json
 import logging
 
 import pytest
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.logs import JsonFormatter
-from app.main import create_app
 
-from .helpers import diagram_png, wait_for_status
+from .helpers import diagram_png
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model_dir):
-    from app.settings import Settings
-
-    settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
-                        device="cpu", torch_dtype="float32")
-    with TestClient(create_app(settings)) as client:
-        wait_for_status(client, "healthy")
-        yield client
+def client(tiny_client):
+    return tiny_client
 
 
 def scrape(client) -> dict[str, float]:

@@ -180,3 +180,16 @@ def test_json_logs_are_one_object_per_line_with_request_ids(tiny_model_dir):
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["completion_tokens"] >= 1
     assert any("merged" in e["message"] for e in entries)  # the startup log says what was loaded
     assert any(e["logger"].startswith("uvicorn") for e in entries)
+
+
+def test_client_disconnect_frees_the_model(tiny_model_dir):
+    with running_server(tiny_model_dir, MAX_NEW_TOKENS="4000", MAX_BATCH_SIZE="1") as (base, _):
+        with contextlib.suppress(httpx.ReadTimeout):
+            post(base, timeout=1.0, max_new_tokens="3000")  # gives up after 1 s and closes the connection
+        deadline = time.monotonic() + 3
+        while httpx.get(f"{base}/health").json()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{base}/health").json()["in_flight"] == 0  # the abandoned generation stopped
+        started = time.perf_counter()
+        assert post(base, max_new_tokens="4").status_code == 200
+        assert time.perf_counter() - started < 2.0
