@@ -25,10 +25,11 @@ class Placement:
     device: str
     dtype: torch.dtype
     warnings: tuple[str, ...] = field(default=())
+    quantization: str | None = None  # "int8-dynamic": int8 weights, activations in ``dtype``
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return self.quantization or str(self.dtype).removeprefix("torch.")
 
 
 def _mps_available() -> bool:

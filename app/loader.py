@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .device import Placement
-from .settings import Settings
+from .settings import Quantization, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,25 @@ def apply_adapter(model: Any, adapter_dir: Path) -> tuple[Any, AdapterReport | N
     return merged, AdapterReport(str(adapter_dir), lora_modules, lora_modules)
 
 
+def quantize_int8(model: Any, placement: Placement) -> tuple[Any, Placement]:
+    """Dynamic int8 for every Linear layer (per-channel weights, float32 activations), after the merge.
+
+    CPU only: it halves the bytes each decoding step reads compared with bfloat16 (see README)."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if placement.device != "cpu":
+        raise ModelLoadError(f"QUANTIZATION=int8 runs on the CPU only; this model is on {placement.device}")
+    model = model.to(torch.float32)  # dynamic quantization computes activations in float32
+    with warnings.catch_warnings():  # torch.ao's quantization API is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    logger.info("quantized the Linear layers to int8 (dynamic, per channel)")
+    return model, Placement(placement.device, torch.float32, placement.warnings, quantization="int8-dynamic")
+
+
 def load_model(settings: Settings, placement: Placement) -> LoadedModel:
     """The whole load: base weights, processor, adapter merge. Raises ModelLoadError."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -141,6 +160,8 @@ def load_model(settings: Settings, placement: Placement) -> LoadedModel:
     logger.info("processor loaded from %s", processor_source)
     params = read_params(adapter_dir)
     model, adapter = apply_adapter(model, adapter_dir)
+    if settings.quantization == Quantization.int8:
+        model, placement = quantize_int8(model, placement)
     model.eval()
     logger.info("model ready to warm up after %.1f s", time.perf_counter() - started)
     return LoadedModel(model, processor, placement, settings.base_model_id, adapter, params)

@@ -169,8 +169,9 @@ class Runner:
         return result, (job.started_at or job.queued_at) - job.queued_at
 
     def _batch_loop(self) -> None:
-        """The model thread's life after loading: take what is queued (waiting up to batch_wait_s for
-        company when alone), generate it as one batch, repeat."""
+        """The model thread's life after loading: take everything queued, plus, for up to batch_wait_s,
+        requests already admitted but still decoding their upload; generate them as one batch; repeat.
+        A request with nobody behind it starts at once."""
         while True:
             first = self._queue.get()
             if first is _STOP:
@@ -178,10 +179,14 @@ class Runner:
             batch = [first]
             deadline = time.monotonic() + self.batch_wait_s
             while len(batch) < self.max_batch_size:
-                remaining = deadline - time.monotonic()
+                # Admitted requests not yet queued are on their way (decoding); worth a short wait.
+                on_the_way = self._pending - len(batch) - self._queue.qsize() > 0
+                remaining = deadline - time.monotonic() if on_the_way else 0
                 try:
                     job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
+                    if on_the_way and deadline > time.monotonic():
+                        continue
                     break
                 if job is _STOP:
                     self._queue.put(_STOP)

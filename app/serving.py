@@ -72,6 +72,7 @@ class InferenceService:
         """Blocking: load, merge, verify and warm up. Runs on the model thread."""
         self.placement = resolve_placement(self.settings.device, self.settings.torch_dtype)
         loaded = load_model(self.settings, self.placement)
+        self.placement = loaded.placement  # quantization may have changed the precision
         engine = Engine(loaded, ServingDefaults.from_sources(self.settings, loaded.params),
                         repetition_guard=RepetitionGuard() if self.settings.repetition_guard else None,
                         force_max_new_tokens=self.settings.force_max_new_tokens)

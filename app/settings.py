@@ -30,6 +30,11 @@ class TorchDType(str, Enum):
     float32 = "float32"
 
 
+class Quantization(str, Enum):
+    none = "none"
+    int8 = "int8"
+
+
 class LogLevel(str, Enum):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -53,6 +58,8 @@ class Settings(BaseSettings):
     adapter_path: Path = Field(Path("/app/models/weights"), description="folder of the LoRA adapter")
     device: Device = Device.auto
     torch_dtype: TorchDType = TorchDType.auto
+    quantization: Quantization = Field(Quantization.none,
+                                       description="int8: dynamic int8 Linear layers (CPU only, opt-in)")
     max_new_tokens: int = Field(384, ge=1, le=8192, description="cap on generated tokens per request")
     prompt: str = Field(DEFAULT_PROMPT, min_length=1)
     hf_home: str | None = Field(None, description="Hugging Face cache root (read by huggingface_hub itself)")
@@ -62,8 +69,9 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(LogFormat.text, description="text for local runs; the container sets json")
     max_queue: int = Field(8, ge=0, le=10_000, description="requests allowed to wait behind the running one")
     max_batch_size: int = Field(8, ge=1, le=256, description="requests generated together in one batch")
-    batch_wait_ms: float = Field(10.0, ge=0, le=10_000,
-                                 description="how long a lone request waits for others to batch with")
+    batch_wait_ms: float = Field(200.0, ge=0, le=10_000,
+                                 description="how long a batch waits for admitted requests still decoding "
+                                             "their upload (a request with nobody behind it never waits)")
     max_image_tokens: int = Field(1024, ge=4, le=16_384,
                                   description="vision-token budget per image (one token per 32x32 px)")
     max_decoded_pixels: int = Field(50_000_000, ge=10_000, description="decompression-bomb limit, in pixels")

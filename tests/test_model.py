@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -9,6 +10,7 @@ import shutil
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from app.device import resolve_placement
@@ -201,3 +203,16 @@ def test_truncated_answer_is_flagged_in_the_response(tiny_client):
     assert body["metadata"]["finish_reason"] == "length"
     # The random model writes no table: the raw answer is kept and the reason is given.
     assert body["table"] is None and body["table_error"]
+
+
+def test_int8_quantization_on_cpu(tiny_settings):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    loaded = load(tiny_settings(quantization="int8"))
+    assert loaded.placement.dtype_name == "int8-dynamic" and loaded.adapter is not None
+    quantized = [m for m in loaded.model.modules() if isinstance(m, DynamicLinear)]
+    assert len(quantized) >= 22  # the merged LoRA targets and the rest of the Linear layers
+    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
+    result = Engine(loaded, ServingDefaults("Describe.", 8, 64)).generate(
+        Image.open(io.BytesIO(diagram_png())).convert("RGB"), "Describe.", 8)
+    assert result.completion_tokens == 8 or result.finish_reason == "stop"
