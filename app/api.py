@@ -72,10 +72,11 @@ async def infer_diagram(
     request: Request,
     service: ServiceDep,
     file: Annotated[UploadFile, File(description=f"the diagram image ({ACCEPTED_TEXT})")],
-    prompt: Annotated[str | None, Form(description="override the instruction for this request",
-                                       max_length=4000)] = None,
-    max_new_tokens: Annotated[int | None, Form(ge=1, description="cap on generated tokens, up to MAX_NEW_TOKENS")]
-    = None,
+    # Plain defaults ("" and 0), not null: Swagger UI would otherwise pre-fill "string" and 1.
+    prompt: Annotated[str, Form(description="override the instruction for this request; empty = the default",
+                                max_length=4000)] = "",
+    max_new_tokens: Annotated[int, Form(ge=0, description="cap on generated tokens, up to MAX_NEW_TOKENS; "
+                                        "0 = the default")] = 0,
     page: Annotated[int, Form(ge=1, le=10_000, description="PDF page to read (1-based)")] = 1,
     format: Annotated[Literal["json", "markdown", "csv"] | None,
                       Form(description="json (default), markdown or csv (just the table); or use Accept")] = None,
@@ -142,7 +143,7 @@ async def read_health(service: ServiceDep) -> Any:
     "`application/openmetrics-text` (what a Prometheus server sends), or with `?format=prometheus`.",
     operation_id="read_metrics",
     tags=["operations"],
-    responses={**error_responses(401, 500),
+    responses={**error_responses(400, 401, 500),
                200: {"content": {"text/plain": {"schema": {"type": "string"}},
                                  "application/openmetrics-text": {"schema": {"type": "string"}}},
                      "description": "JSON counters, or the Prometheus exposition"}},

@@ -18,7 +18,7 @@ from .requestid import current_request_id
 logger = logging.getLogger(__name__)
 
 _DESCRIPTIONS = {
-    400: "Invalid input: undecodable image, unreadable PDF, bad form value",
+    400: "Invalid input: undecodable image, unreadable PDF, bad form or query value",
     401: "Missing or wrong API key",
     404: "No such route",
     413: "Upload over MAX_UPLOAD_MB, or image over the decoded-pixel limit",
@@ -50,7 +50,7 @@ def _describe_validation(exc: RequestValidationError) -> ServiceError:
     if missing:
         return MissingFieldError(f"required multipart form field missing: {', '.join(missing)}")
     details = "; ".join(f"{p['loc'][-1]}: {p['msg']}" for p in problems)
-    return InvalidRequestError(f"invalid form value - {details}")
+    return InvalidRequestError(f"invalid value - {details}")
 
 
 def install_error_handlers(app: FastAPI) -> None:

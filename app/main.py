@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from . import SERVICE_NAME, __version__
 from .access import AccessLogMiddleware
 from .api import router
+from .docs import install_docs
 from .envelope import install_error_handlers
 from .gate import InferGate
 from .requestid import RequestIdMiddleware, install_log_record_factory
@@ -49,11 +50,14 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
         description="Turns a picture of a process diagram (BPMN, swimlanes, flowcharts) into a markdown table "
         "of its steps and roles, with Qwen3-VL and a merged LoRA adapter.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets below
+        redoc_url=None,  # ReDoc would load from a CDN too
     )
     app.state.service = service
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    install_docs(app)
     # Added last = outermost: the request id exists before the access log and the gate run.
     app.add_middleware(InferGate, service_getter=lambda: app.state.service)
     app.add_middleware(AccessLogMiddleware, metrics_getter=lambda: app.state.service.prometheus)

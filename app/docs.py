@@ -1,0 +1,29 @@
+"""Swagger UI from local files: FastAPI's default /docs loads its script from a CDN, which closed
+networks (and this project's CI) cannot reach, leaving users a blank page."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+ASSETS_PATH = "/docs-assets"
+
+
+def install_docs(app: FastAPI) -> None:
+    """Serve /docs with the Swagger UI bundle shipped in the fastapi-swagger package."""
+    assets = files("fastapi_swagger") / "resources"
+    app.mount(ASSETS_PATH, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{ASSETS_PATH}/favicon-32x32.png",
+        )
