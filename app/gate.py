@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import Any, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,7 +28,7 @@ def key_matches(headers: dict[bytes, bytes], api_key: str) -> bool:
 
 
 class InferGate:
-    def __init__(self, app: ASGIApp, service_getter):
+    def __init__(self, app: ASGIApp, service_getter: Callable[[], Any]):
         self.app = app
         self.service_getter = service_getter
 
@@ -54,7 +55,7 @@ class InferGate:
         except ServiceError as error:
             if error.status_code == 503:
                 service.stats.rejected_count += 1
-            await error_response(error).__call__(scope, receive, send)
+            await error_response(error)(scope, receive, send)
             return
         scope.setdefault("state", {})["ticket"] = ticket
         received = 0

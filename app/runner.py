@@ -58,10 +58,16 @@ class _Job:
         return self.request.cancel.is_set()
 
     def resolve(self, result: Any) -> None:  # called on the model thread
-        self.loop.call_soon_threadsafe(_settle, self.future, result, None)
+        self._hand_over(result, None)
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+        self._hand_over(None, error)
+
+    def _hand_over(self, result: Any, error: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+        except RuntimeError:  # the event loop is closed (shutting down): nobody is waiting any more
+            pass
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
