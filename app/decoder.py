@@ -65,7 +65,12 @@ class DecoderPool:
         await asyncio.gather(*(asyncio.wrap_future(self._pool.submit(_noop)) for _ in range(self.workers)))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers now (one may be spinning on a hostile file) and reap them, so the
+        interpreter exits without the pool's exit hook writing to a closed pipe."""
+        pool = self._pool
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _noop() -> None:
