@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
 from .guards import RepetitionGuard
 from .imaging import VisionGeometry
@@ -111,7 +111,8 @@ class Engine:
     """Owns the loaded model and processor; every method is blocking and meant for the model thread."""
 
     def __init__(self, loaded: LoadedModel, defaults: ServingDefaults,
-                 repetition_guard: RepetitionGuard | None = RepetitionGuard(), force_max_new_tokens: bool = False):
+                 repetition_guard: RepetitionGuard | None = RepetitionGuard(), force_max_new_tokens: bool = False,
+                 torch_compile: bool = False):
         self.loaded = loaded
         self.force_max_new_tokens = force_max_new_tokens
         self.repetition_guard = repetition_guard
@@ -132,6 +133,14 @@ class Engine:
         config.temperature = config.top_p = config.top_k = None
         if config.pad_token_id is None:
             config.pad_token_id = self.processor.tokenizer.pad_token_id
+        if torch_compile:
+            # A fixed-size KV cache lets transformers compile the per-token step once per shape; it does so
+            # on CUDA only (on the CPU inductor would need a C++ compiler in the image).
+            config.cache_implementation = "static"
+            config.compile_config = CompileConfig(mode="reduce-overhead")
+            if loaded.placement.device != "cuda":
+                logger.warning("TORCH_COMPILE: compiling needs CUDA; on %s only the static cache is used",
+                               loaded.placement.device)
         self.generation_config = config
         eos = config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -75,7 +75,8 @@ class InferenceService:
         self.placement = loaded.placement  # quantization may have changed the precision
         engine = Engine(loaded, ServingDefaults.from_sources(self.settings, loaded.params),
                         repetition_guard=RepetitionGuard() if self.settings.repetition_guard else None,
-                        force_max_new_tokens=self.settings.force_max_new_tokens)
+                        force_max_new_tokens=self.settings.force_max_new_tokens,
+                        torch_compile=self.settings.torch_compile)
         if self.settings.warmup:
             started = time.perf_counter()
             engine.warmup()

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, /infer requires it")
     metrics_require_key: bool = Field(False, description="also require API_KEY on /metrics")
+    torch_compile: bool = Field(False, description="static KV cache + torch.compile of the decoding step (CUDA); "
+                                                "on other devices only the static cache")
     force_max_new_tokens: bool = Field(False, description="benchmarks only: never stop before max_new_tokens")
     repetition_guard: bool = Field(True, description="stop generation that degenerates into repetition")
     warmup: bool = Field(True, description="run one generation before reporting ready")

@@ -1,7 +1,8 @@
 """GPU figures for the engine on the full Qwen3-VL-2B architecture (random weights), bf16 on CUDA.
 
 Single-stream time to first token and decode tokens/s, throughput at batch 1/8/32, peak GPU memory, and
-a 1024x768 diagram with 384 new tokens single-stream. Run by bench/gpu_check.sh on a lent GPU.
+a 1024x768 diagram with 384 new tokens single-stream; eager and with TORCH_COMPILE (static cache +
+torch.compile). Run by bench/gpu_check.sh on a lent GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from app.engine import Engine, GenerationRequest, ServingDefaults  # noqa: E402
 from app.loader import LoadedModel  # noqa: E402
 
 
-def timed(engine: Engine, batch: int, new_tokens: int, image: Image.Image) -> dict[str, float]:
+def timed(engine: Engine, batch: int, new_tokens: int, image: Image.Image, mode: str) -> dict[str, float]:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -34,7 +35,7 @@ def timed(engine: Engine, batch: int, new_tokens: int, image: Image.Image) -> di
     wall = time.perf_counter() - started
     first = results[0].first_token_time_s or 0.0
     generated = sum(r.completion_tokens for r in results)
-    return {"batch": batch, "new_tokens": new_tokens, "wall_s": wall, "ttft_s": first,
+    return {"mode": mode, "batch": batch, "new_tokens": new_tokens, "wall_s": wall, "ttft_s": first,
             "decode_tok_s_per_stream": (new_tokens - 1) / max(results[0].generation_time_s - first, 1e-9),
             "generated_tok_s": generated / wall, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
 
@@ -51,11 +52,15 @@ def main() -> int:
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     loaded = LoadedModel(model, processor, Placement("cuda", torch.bfloat16), "qwen3-vl-2b-random", None)
-    engine = Engine(loaded, ServingDefaults("Extract the table.", 384, 1024), force_max_new_tokens=True)
     image = Image.new("RGB", (1024, 768), "white")
-    engine.generate_batch([GenerationRequest(image, "warm up", 4)])
-    rows = [timed(engine, 1, 384, image)] + [timed(engine, int(b), args.new_tokens, image)
-                                             for b in args.batches.split(",")]
+    rows = []
+    for mode in ("eager", "torch_compile"):
+        engine = Engine(loaded, ServingDefaults("Extract the table.", 384, 1024), force_max_new_tokens=True,
+                        torch_compile=mode == "torch_compile")
+        for batch in [1] + [int(b) for b in args.batches.split(",")]:
+            engine.generate_batch([GenerationRequest(image, "warm up", 8) for _ in range(batch)])  # (re)compile
+        rows.append(timed(engine, 1, 384, image, mode))  # the 1024x768, 384-token single-stream diagram
+        rows += [timed(engine, int(b), args.new_tokens, image, mode) for b in args.batches.split(",")]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---:|" * len(keys))

@@ -99,3 +99,12 @@ def test_forced_token_count_for_benchmarks(engine):
     results = forced.generate_batch([GenerationRequest(image(size), "Describe.", 30) for size in SIZES[:2]])
     assert [r.completion_tokens for r in results] == [30, 30]
     assert {r.finish_reason for r in results} == {"length"}
+
+
+def test_static_cache_path_gives_the_same_answers(engine, caplog):
+    compiled = Engine(engine.loaded, engine.defaults, torch_compile=True)
+    assert compiled.generation_config.cache_implementation == "static"
+    assert any("only the static cache" in r.getMessage() for r in caplog.records)  # no CUDA here
+    requests = lambda: [GenerationRequest(image(size), "Describe.", 16) for size in SIZES[:2]]  # noqa: E731
+    expected = engine.generate_batch(requests())
+    assert [r.text for r in compiled.generate_batch(requests())] == [r.text for r in expected]
