@@ -104,14 +104,12 @@ def _format_from_accept(accept: str) -> str:
     return "csv" if "text/csv" in accept else "json"
 
 
-def _status_response(model: Any, ready: bool, error: NotReadyError | None = None) -> Any:
-    if ready:
-        return model
-    body = model.model_dump()
-    if error is not None:
-        body["error"] = ErrorBody(type=error.error_type, message=error.message,
-                                  request_id=current_request_id()).model_dump()
-    return JSONResponse(body, status_code=503, headers=error.headers if error else None)
+def _not_ready(health: HealthResponse, error: NotReadyError) -> JSONResponse:
+    """503 with the health body plus the error envelope's "error" object."""
+    body = health.model_dump()
+    body["error"] = ErrorBody(type=error.error_type, message=error.message,
+                              request_id=current_request_id()).model_dump()
+    return JSONResponse(body, status_code=503, headers=error.headers)
 
 
 @router.get(
@@ -132,7 +130,7 @@ async def read_health(service: ServiceDep) -> Any:
         "failed": f"the model failed to load: {health.reason}",
         "draining": "the service is shutting down",
     }.get(health.status, health.status)
-    return _status_response(health, False, NotReadyError(message, headers={"Retry-After": "10"}))
+    return _not_ready(health, NotReadyError(message, headers={"Retry-After": "10"}))
 
 
 @router.get(
