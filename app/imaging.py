@@ -31,10 +31,6 @@ class VisionGeometry:
     min_pixels: int
     max_pixels: int
 
-    @property
-    def max_image_tokens(self) -> int:
-        return self.max_pixels // (self.factor * self.factor)
-
 
 @dataclass(frozen=True)
 class PreparedImage:
@@ -42,10 +38,6 @@ class PreparedImage:
     source_format: str
     received_size: tuple[int, int]  # (width, height) as decoded, before any resize
     model_size: tuple[int, int]  # (width, height) fed to the model
-
-    @property
-    def resized(self) -> bool:
-        return self.received_size != self.model_size
 
 
 def sniff_format(data: bytes) -> str | None:

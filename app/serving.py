@@ -97,10 +97,6 @@ class InferenceService:
         self.runner.close()
         self.decoder.close()
 
-    @property
-    def engine(self) -> Engine | None:
-        return self.runner.engine
-
     # --- inference -------------------------------------------------------------------------------
     async def infer(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
         engine = self.runner.engine
