@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -9,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .device import Placement
-from .settings import Quantization, Settings
+from .device import Placement, resolve_dtype
+from .settings import Quantization, Settings, TorchDType
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +141,33 @@ def quantize_int8(model: Any, placement: Placement) -> tuple[Any, Placement]:
     return model, Placement(placement.device, torch.float32, placement.warnings, quantization="int8-dynamic")
 
 
+def count_parameters(base: str, revision: str | None) -> int | None:
+    """The model's size from its config alone (built on the meta device: no weights, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(base, revision=revision)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    except (OSError, ValueError):
+        return None  # the load below reports the problem properly
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 def load_model(settings: Settings, placement: Placement) -> LoadedModel:
     """The whole load: base weights, processor, adapter merge. Raises ModelLoadError."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     started = time.perf_counter()
     base, adapter_dir = resolve_sources(settings)
+    if placement.device == "cpu" and settings.torch_dtype == TorchDType.auto:
+        parameters = count_parameters(base, settings.model_revision)
+        dtype, _ = resolve_dtype("cpu", TorchDType.auto, parameters)
+        if dtype != placement.dtype:
+            logger.info("%s has %.0fM parameters: %s is faster than %s for a model this small on this CPU",
+                        base, (parameters or 0) / 1e6, dtype, placement.dtype)
+            placement = dataclasses.replace(placement, dtype=dtype)
     logger.info("loading %s (revision %s) on %s as %s", base, settings.model_revision or "default",
                 placement.device, placement.dtype_name)
     try:

@@ -216,3 +216,10 @@ def test_int8_quantization_on_cpu(tiny_settings):
     result = Engine(loaded, ServingDefaults("Describe.", 8, 64)).generate(
         Image.open(io.BytesIO(diagram_png())).convert("RGB"), "Describe.", 8)
     assert result.completion_tokens == 8 or result.finish_reason == "stop"
+
+
+def test_auto_dtype_accounts_for_the_model_size(tiny_settings):
+    settings = tiny_settings(torch_dtype="auto")
+    loaded = load(settings)
+    assert loaded.placement.dtype == torch.float32  # the tiny model is faster in float32 on any CPU
+    assert next(loaded.model.parameters()).dtype == torch.float32

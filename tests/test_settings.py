@@ -80,3 +80,10 @@ def test_half_precision_on_cpu_is_honoured_and_warned_about_only_when_emulated()
 def test_bf16_on_mps_becomes_fp16():
     assert resolve_dtype("mps", TorchDType.bfloat16)[0] == torch.float16
     assert resolve_dtype("mps", TorchDType.auto) == (torch.float16, [])
+
+
+def test_small_models_stay_in_float32_on_the_cpu():
+    assert resolve_dtype("cpu", TorchDType.auto, parameters=250_000) == (torch.float32, [])
+    expected_large = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_dtype("cpu", TorchDType.auto, parameters=2_000_000_000) == (expected_large, [])
+    assert resolve_dtype("cpu", TorchDType.bfloat16, parameters=250_000)[0] == torch.bfloat16  # explicit wins
