@@ -64,7 +64,8 @@ def post(base: str, timeout: float = 60.0, **data) -> httpx.Response:
 
 
 def test_sigterm_drains_in_flight_request_and_exits_zero(tiny_model_dir):
-    with running_server(tiny_model_dir, MAX_NEW_TOKENS="4000", SHUTDOWN_GRACE_S="60") as (base, process):
+    with running_server(tiny_model_dir, MAX_NEW_TOKENS="4000", SHUTDOWN_GRACE_S="60",
+                        FORCE_MAX_NEW_TOKENS="true") as (base, process):
         result = {}
         worker = threading.Thread(target=lambda: result.setdefault("r", post(base, max_new_tokens="2000")))
         worker.start()
@@ -157,7 +158,8 @@ def test_burst_is_answered_or_shed_never_500(tiny_model_dir):
 
 
 def test_deadline_stops_generation_and_the_next_request_starts_at_once(tiny_model_dir):
-    with running_server(tiny_model_dir, MAX_NEW_TOKENS="4000", REQUEST_TIMEOUT_S="1.5") as (base, _):
+    with running_server(tiny_model_dir, MAX_NEW_TOKENS="4000", REQUEST_TIMEOUT_S="1.5",
+                        FORCE_MAX_NEW_TOKENS="true") as (base, _):
         started = time.perf_counter()
         late = post(base, max_new_tokens="3000")
         assert late.status_code == 504 and late.json()["error"]["type"] == "timeout"
@@ -183,7 +185,8 @@ def test_json_logs_are_one_object_per_line_with_request_ids(tiny_model_dir):
 
 
 def test_client_disconnect_frees_the_model(tiny_model_dir):
-    with running_server(tiny_model_dir, MAX_NEW_TOKENS="4000", MAX_BATCH_SIZE="1") as (base, _):
+    with running_server(tiny_model_dir, MAX_NEW_TOKENS="4000", MAX_BATCH_SIZE="1",
+                        FORCE_MAX_NEW_TOKENS="true") as (base, _):
         with contextlib.suppress(httpx.ReadTimeout):
             post(base, timeout=1.0, max_new_tokens="3000")  # gives up after 1 s and closes the connection
         deadline = time.monotonic() + 3
