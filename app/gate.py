@@ -39,7 +39,7 @@ class InferGate:
         headers = dict(scope.get("headers", [])) if path else {}
         if path == "/metrics" and settings.api_key and settings.metrics_require_key:
             if not key_matches(headers, settings.api_key):
-                await error_response(UnauthorizedError())(scope, receive, send)
+                await _refuse(UnauthorizedError(), scope, receive, send)
                 return
         if path != INFER_PATH or scope.get("method") != "POST":
             await self.app(scope, receive, send)
@@ -55,7 +55,7 @@ class InferGate:
         except ServiceError as error:
             if error.status_code == 503:
                 service.stats.rejected_count += 1
-            await error_response(error)(scope, receive, send)
+            await _refuse(error, scope, receive, send)
             return
         scope.setdefault("state", {})["ticket"] = ticket
         received = 0
@@ -86,7 +86,15 @@ class InferGate:
         finally:
             ticket.release()
         if too_large and not response_started:
-            await error_response(PayloadTooLargeError(_too_large(settings.max_upload_mb)))(scope, receive, send)
+            await _refuse(PayloadTooLargeError(_too_large(settings.max_upload_mb)), scope, receive, send)
+
+
+async def _refuse(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer without reading the request body, and close the connection: the unread body makes it
+    unusable for a next request (RFC 9112, 9.6), and saying so keeps clients from reusing it."""
+    response = error_response(error)
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
 
 
 def _too_large(max_upload_mb: float) -> str:
