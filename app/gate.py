@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .access import INFERENCE_PATH
 from .envelope import error_response
 from .errors import PayloadTooLargeError, ServiceError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
-INFER_PATH = "/infer"
 
 
 def key_matches(headers: dict[bytes, bytes], api_key: str) -> bool:
@@ -41,7 +41,7 @@ class InferGate:
             if not key_matches(headers, settings.api_key):
                 await _refuse(UnauthorizedError(), scope, receive, send)
                 return
-        if path != INFER_PATH or scope.get("method") != "POST":
+        if path != INFERENCE_PATH or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         limit = settings.max_upload_bytes

@@ -124,8 +124,6 @@ class Runner:
         try:
             loading = asyncio.get_running_loop().run_in_executor(self._executor, load_engine)
             engine, *_ = await asyncio.gather(loading, *alongside)
-        except asyncio.CancelledError:
-            raise
         except Exception as error:  # any load failure is reported by /health, not raised
             self.failure_reason = _one_line(error)
             if self.state == ModelState.loading:

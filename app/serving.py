@@ -182,10 +182,14 @@ class InferenceService:
         engine = self.runner.engine
         return engine.loaded.adapter.path if engine and engine.loaded.adapter else None
 
+    def _status(self) -> str:
+        state = self.runner.state
+        return "healthy" if state == ModelState.ready else state.value
+
     def health(self) -> HealthResponse:
         runner, engine, placement = self.runner, self.runner.engine, self.placement
         return HealthResponse(
-            status="healthy" if runner.state == ModelState.ready else runner.state.value,
+            status=self._status(),
             model_loaded=engine is not None,
             processor_loaded=engine is not None,
             model=self.settings.base_model_id,
@@ -220,9 +224,8 @@ class InferenceService:
 
     def info(self) -> ServiceInfo:
         placement = self.placement
-        health_status = self.health().status
         return ServiceInfo(
-            service=SERVICE_NAME, version=__version__, status=health_status, model=self.settings.base_model_id,
+            service=SERVICE_NAME, version=__version__, status=self._status(), model=self.settings.base_model_id,
             adapter=self._adapter(), device=placement.device if placement else None,
             dtype=placement.dtype_name if placement else None,
         )

@@ -39,6 +39,6 @@ def gpu_memory_gb() -> tuple[float | None, float | None]:
     import torch
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None, None
+        return None, None  # JSON says null without CUDA, where Prometheus says 0
     allocated, reserved = gpu_memory_bytes()
     return allocated / 1024 ** 3, reserved / 1024 ** 3
