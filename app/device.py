@@ -25,11 +25,12 @@ class Placement:
     device: str
     dtype: torch.dtype
     warnings: tuple[str, ...] = field(default=())
-    quantization: str | None = None  # "int8-dynamic": int8 weights, activations in ``dtype``
+    quantization: str | None = None  # e.g. "int8-decode": int8 weights for the decoding steps
 
     @property
     def dtype_name(self) -> str:
-        return self.quantization or str(self.dtype).removeprefix("torch.")
+        name = str(self.dtype).removeprefix("torch.")
+        return f"{name}+{self.quantization}" if self.quantization else name
 
 
 def _mps_available() -> bool:

@@ -122,23 +122,15 @@ def apply_adapter(model: Any, adapter_dir: Path) -> tuple[Any, AdapterReport | N
     return merged, AdapterReport(str(adapter_dir), lora_modules, lora_modules)
 
 
-def quantize_int8(model: Any, placement: Placement) -> tuple[Any, Placement]:
-    """Dynamic int8 for every Linear layer (per-channel weights, float32 activations), after the merge.
+def quantize(model: Any, placement: Placement) -> tuple[Any, Placement]:
+    """QUANTIZATION=int8, after the merge: the kernel that pays on each device (README, "Quantization")."""
+    from .quantize import quantize_bitsandbytes, quantize_int8_decode
 
-    CPU only: it halves the bytes each decoding step reads compared with bfloat16 (see README)."""
-    import warnings
-
-    import torch
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    if placement.device != "cpu":
-        raise ModelLoadError(f"QUANTIZATION=int8 runs on the CPU only; this model is on {placement.device}")
-    model = model.to(torch.float32)  # dynamic quantization computes activations in float32
-    with warnings.catch_warnings():  # torch.ao's quantization API is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    logger.info("quantized the Linear layers to int8 (dynamic, per channel)")
-    return model, Placement(placement.device, torch.float32, placement.warnings, quantization="int8-dynamic")
+    if placement.device == "cpu":
+        return quantize_int8_decode(model), dataclasses.replace(placement, quantization="int8-decode")
+    if placement.device == "cuda":
+        return quantize_bitsandbytes(model, "cuda"), dataclasses.replace(placement, quantization="int8-bitsandbytes")
+    raise ModelLoadError(f"QUANTIZATION=int8 runs on cpu or cuda, not on {placement.device}; unset QUANTIZATION")
 
 
 def count_parameters(base: str, revision: str | None) -> int | None:
@@ -183,7 +175,7 @@ def load_model(settings: Settings, placement: Placement) -> LoadedModel:
     params = read_params(adapter_dir)
     model, adapter = apply_adapter(model, adapter_dir)
     if settings.quantization == Quantization.int8:
-        model, placement = quantize_int8(model, placement)
+        model, placement = quantize(model, placement)
     model.eval()
     logger.info("model ready to warm up after %.1f s", time.perf_counter() - started)
     return LoadedModel(model, processor, placement, settings.base_model_id, adapter, params)

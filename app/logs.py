@@ -59,6 +59,9 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     for noisy in ("httpx", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # peft imports bitsandbytes, whose CPU backend warns on every start that an optional 4-bit kernel package is
+    # missing; the service never uses 4-bit layers, so that warning would only mislead an operator.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Library warnings and progress bars would break the one-object-per-line stream.
     logging.captureWarnings(True)
     from transformers.utils import logging as transformers_logging

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     device: Device = Device.auto
     torch_dtype: TorchDType = TorchDType.auto
     quantization: Quantization = Field(Quantization.none,
-                                       description="int8: dynamic int8 Linear layers (CPU only, opt-in)")
+                                       description="int8: int8 language-model weights (CPU: for decoding; CUDA: bitsandbytes)")
     max_new_tokens: int = Field(384, ge=1, le=8192, description="cap on generated tokens per request")
     prompt: str = Field(DEFAULT_PROMPT, min_length=1)
     hf_home: str | None = Field(None, description="Hugging Face cache root (read by huggingface_hub itself)")

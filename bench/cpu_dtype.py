@@ -10,12 +10,15 @@ processor. Prints a table and the ratios against the first dtype listed.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
+
+from app.quantize import quantize_int8_decode  # random_model put the repository root on sys.path
 
 MID_SIZE_CONFIG = Path(__file__).with_name("qwen3_vl_mid_config.json")
 
@@ -43,7 +46,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(MID_SIZE_CONFIG),
                         help=f"model config (mid-size by default; full size: {FULL_SIZE_CONFIG.name})")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16",
-                        help="comma-separated: float32, bfloat16, float16, int8-dynamic")
+                        help="comma-separated: float32, bfloat16, float16, bfloat16+int8-decode (QUANTIZATION=int8)")
     parser.add_argument("--image", default="1024x768")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--answer-tokens", type=int, default=200,
@@ -61,16 +64,10 @@ def main() -> None:
           f"{image_tokens} image tokens; {args.new_tokens} new tokens")
     rows = []
     for name in args.dtypes.split(","):
-        candidate = model
-        if name == "int8-dynamic":  # fp32 activations, int8 weights for every Linear (torch.ao dynamic)
-            from torch.ao.quantization import quantize_dynamic
-
-            model.to(torch.float32)
-            candidate = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
-            dtype = torch.float32
-        else:
-            dtype = getattr(torch, name)
-            model.to(dtype)
+        dtype = getattr(torch, name.split("+")[0])
+        model.to(dtype)
+        # QUANTIZATION=int8 on the CPU: int8 copies of the language model's weights for the decoding steps.
+        candidate = quantize_int8_decode(copy.deepcopy(model)) if name.endswith("+int8-decode") else model
         batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         measure(candidate, batch, 2)  # warm-up
         rows.append((name, *measure(candidate, batch, args.new_tokens)))

@@ -1,8 +1,9 @@
 """GPU figures for the engine on the full Qwen3-VL-2B architecture (random weights), bf16 on CUDA.
 
 Single-stream time to first token and decode tokens/s, throughput at batch 1/8/32, peak GPU memory, and
-a 1024x768 diagram with 384 new tokens single-stream; eager and with TORCH_COMPILE (static cache +
-torch.compile). Run by bench/gpu_check.sh on a lent GPU.
+a 1024x768 diagram with 384 new tokens single-stream; eager, with TORCH_COMPILE (static cache +
+torch.compile), and eager with QUANTIZATION=int8 (bitsandbytes, when installed). Run by bench/gpu_check.sh
+on a lent GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_
 from app.device import Placement  # noqa: E402
 from app.engine import Engine, GenerationRequest, ServingDefaults  # noqa: E402
 from app.loader import LoadedModel  # noqa: E402
+from app.quantize import quantize_bitsandbytes  # noqa: E402
 
 
 def timed(engine: Engine, batch: int, new_tokens: int, image: Image.Image, mode: str) -> dict[str, float]:
@@ -54,7 +56,13 @@ def main() -> int:
     loaded = LoadedModel(model, processor, Placement("cuda", torch.bfloat16), "qwen3-vl-2b-random", None)
     image = Image.new("RGB", (1024, 768), "white")
     rows = []
-    for mode in ("eager", "torch_compile"):
+    for mode in ("eager", "torch_compile", "int8_bitsandbytes"):
+        if mode == "int8_bitsandbytes":  # last: it replaces the model's layers in place
+            try:
+                model = quantize_bitsandbytes(model, "cuda")
+            except ImportError:
+                print("bitsandbytes is not installed: no int8 rows", flush=True)
+                break
         engine = Engine(loaded, ServingDefaults("Extract the table.", 384, 1024), force_max_new_tokens=True,
                         torch_compile=mode == "torch_compile")
         for batch in [1] + [int(b) for b in args.batches.split(",")]:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU check (fits in 8 minutes on one H100/H200): the engine on the full Qwen3-VL-2B
-# architecture in bf16. The lent machine has torch/transformers/peft but not pydantic-settings: carry
-# those wheels in .whl (see the device tool's README) and name .whl in the run's carry list.
+# architecture in bf16 (eager, TORCH_COMPILE, bitsandbytes int8). The lent machine has torch/transformers/peft
+# but not pydantic-settings or bitsandbytes: carry those wheels in .whl (see the device tool's README) and
+# name .whl in the run's carry list.
 #   here:  pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#            --platform manylinux_2_28_x86_64 -d .whl pydantic-settings==2.16.3 python-dotenv
+#            --platform manylinux_2_28_x86_64 -d .whl pydantic-settings==2.16.3 python-dotenv \
+#            bitsandbytes==0.50.2
 #   there: bash bench/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -35,9 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+OURS = {"TORCH_DTYPE": "auto", "MAX_BATCH_SIZE": "16", "MAX_IMAGE_TOKENS": "1024"}
 CONFIGS = {
     # The service's defaults, with batches as large as the largest concurrency measured.
-    "ours": {"TORCH_DTYPE": "auto", "MAX_BATCH_SIZE": "16", "MAX_IMAGE_TOKENS": "1024"},
+    "ours": OURS,
+    # The same with the opt-in int8 weights for decoding (QUANTIZATION=int8).
+    "ours-int8": {**OURS, "QUANTIZATION": "int8"},
     "naive": {"TORCH_DTYPE": "float16", "MAX_BATCH_SIZE": "1", "BATCH_WAIT_MS": "0", "MAX_IMAGE_TOKENS": "16384"},
 }
 
@@ -173,7 +176,7 @@ def main() -> int:
                         help="requests per client at each concurrency (default: tiny 6, full 1)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: tiny 64, full 128")
     parser.add_argument("--image", default="1024x768")
-    parser.add_argument("--configs", default="ours,naive")
+    parser.add_argument("--configs", default="ours,naive", help=f"comma-separated, of: {', '.join(CONFIGS)}")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     per_client = args.requests_per_client or (6 if args.model == "tiny" else 1)
@@ -196,7 +199,7 @@ def main() -> int:
                 figures = drive(service.base, png, concurrency, concurrency * per_client)
                 figures["peak_rss_mb"] = peak_rss_mb(service.process.pid)
                 results[name][concurrency] = figures
-                print(f"  {name:<6} c={concurrency:<3} " + "  ".join(f"{k}={v:.3f}" for k, v in figures.items()),
+                print(f"  {name:<9} c={concurrency:<3} " + "  ".join(f"{k}={v:.3f}" for k, v in figures.items()),
                       flush=True)
         finally:
             service.stop()
@@ -206,17 +209,18 @@ def main() -> int:
     for name, by_level in results.items():
         for concurrency, figures in by_level.items():
             print(f"| {name} | {concurrency} | " + " | ".join(f"{figures[c]:.3f}" for c in columns) + " |")
-    if {"ours", "naive"} <= set(results):
-        print("\n| concurrency | throughput ours/naive | p50 latency naive/ours | p95 latency naive/ours |")
+    for name in [name for name in results if name != "naive" and "naive" in results]:
+        print(f"\n| concurrency | throughput {name}/naive | p50 latency naive/{name} | p95 latency naive/{name} |")
         print("|---:|---:|---:|---:|")
         for concurrency in levels:
-            ours, naive = results["ours"][concurrency], results["naive"][concurrency]
+            ours, naive = results[name][concurrency], results["naive"][concurrency]
             print(f"| {concurrency} | {ours['diagrams_per_min'] / naive['diagrams_per_min']:.2f}x "
                   f"| {naive['p50_s'] / ours['p50_s']:.2f}x | {naive['p95_s'] / ours['p95_s']:.2f}x |")
-        if 1 in results["ours"] and levels[-1] != 1:
-            top = levels[-1]
-            print(f"\nours: throughput at concurrency {top} vs one at a time (concurrency 1): "
-                  f"{results['ours'][top]['diagrams_per_min'] / results['ours'][1]['diagrams_per_min']:.2f}x")
+    for name, by_level in results.items():
+        top = levels[-1]
+        if name != "naive" and 1 in by_level and top != 1:
+            print(f"{name}: throughput at concurrency {top} vs its own concurrency 1: "
+                  f"{by_level[top]['diagrams_per_min'] / by_level[1]['diagrams_per_min']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -205,19 +205,6 @@ def test_truncated_answer_is_flagged_in_the_response(tiny_client):
     assert body["table"] is None and body["table_error"]
 
 
-def test_int8_quantization_on_cpu(tiny_settings):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    loaded = load(tiny_settings(quantization="int8"))
-    assert loaded.placement.dtype_name == "int8-dynamic" and loaded.adapter is not None
-    quantized = [m for m in loaded.model.modules() if isinstance(m, DynamicLinear)]
-    assert len(quantized) >= 22  # the merged LoRA targets and the rest of the Linear layers
-    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
-    result = Engine(loaded, ServingDefaults("Describe.", 8, 64)).generate(
-        Image.open(io.BytesIO(diagram_png())).convert("RGB"), "Describe.", 8)
-    assert result.completion_tokens == 8 or result.finish_reason == "stop"
-
-
 def test_auto_dtype_accounts_for_the_model_size(tiny_settings):
     settings = tiny_settings(torch_dtype="auto")
     loaded = load(settings)
