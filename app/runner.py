@@ -150,7 +150,7 @@ class Runner:
         self._pending += 1
         return Ticket(self)
 
-    async def generate(self, image: Any, prompt: str, max_new_tokens: int, *,
+    async def generate(self, image: Any, prompt: str, max_new_tokens: int, *, inputs: Any = None,
                        timeout_s: float | None = None) -> tuple[Any, float]:
         """Queue one generation for the batching thread; return (result, seconds it waited for the
         model). Past ``timeout_s``, or if the caller is cancelled (client disconnect), the row's cancel
@@ -159,7 +159,7 @@ class Runner:
 
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        job = _Job(GenerationRequest(image, prompt, max_new_tokens), loop, future)
+        job = _Job(GenerationRequest(image, prompt, max_new_tokens, inputs=inputs), loop, future)
         job.request.on_done = job.resolve
         self._queue.put(job)
         try:

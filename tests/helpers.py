@@ -43,6 +43,9 @@ class FakeEngine:
         self.loaded = SimpleNamespace(model_id="fake-model", adapter=None,
                                       placement=Placement("cpu", torch.float32))
 
+    def prepare(self, image, prompt) -> None:
+        """Nothing to prepare: generate_batch below ignores model inputs."""
+
     def generate_batch(self, requests) -> list[GenerationResult]:
         """Every row takes ``generate_s``, all rows at once; a cancelled row ends at its next step."""
         self.calls += 1

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -44,6 +45,21 @@ def test_batched_greedy_output_is_token_identical_to_single(engine):
         assert row.text == single.text
         assert (row.completion_tokens, row.prompt_tokens, row.image_tokens, row.finish_reason) == \
                (single.completion_tokens, single.prompt_tokens, single.image_tokens, single.finish_reason)
+
+
+def test_rows_prepared_apart_collate_to_what_the_processor_builds_for_the_batch(engine):
+    """The service prepares each request off the model thread; the batch must be what the processor itself
+    makes of all rows at once (left padding, image patches in row order)."""
+    prompts = ["Describe.", "Извлеки таблицу из диаграммы, пожалуйста", "List the roles.", "Describe."]
+    images = [image(size) for size in SIZES]
+    collated = engine.collate([engine.prepare(img, prompt) for img, prompt in zip(images, prompts)])
+    texts = [engine.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True, tokenize=False) for prompt in prompts]
+    expected = engine.processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert set(collated) == set(expected)
+    for key in expected:
+        assert torch.equal(collated[key], expected[key].to(collated[key].dtype)), key
 
 
 def test_rows_keep_their_own_token_cap_and_finish_early(engine):

@@ -88,7 +88,7 @@ def test_merged_model_equals_unmerged_peft_and_differs_from_base(tiny_model_dir,
     from PIL import Image
 
     image = Image.open(io.BytesIO(diagram_png(320, 256))).convert("RGB")
-    inputs = engine.build_inputs([image], ["Describe."])
+    inputs = engine.collate([engine.prepare(image, "Describe.")])
     base_dir = str(tiny_model_dir / "base-model")
     base = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
@@ -186,7 +186,7 @@ def test_repetition_guard_stops_generation_on_the_tiny_model(tiny_settings):
     free = Engine(loaded, ServingDefaults("Describe.", 64, 64), repetition_guard=None)
     unguarded = free.generate(image, "Describe.", 64)
     assert unguarded.finish_reason == "length" and unguarded.completion_tokens == 64
-    inputs = free.build_inputs([image], ["Describe."])
+    inputs = free.collate([free.prepare(image, "Describe.")])
     with torch.inference_mode():
         tokens = free.model.generate(**inputs, generation_config=free.generation_config, max_new_tokens=64)
     generated = tokens[0, inputs["input_ids"].shape[1]:].tolist()
