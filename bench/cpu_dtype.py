@@ -11,34 +11,65 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
 
-from app.quantize import quantize_int8_decode  # random_model put the repository root on sys.path
+from app.quantize import Int8DecodeLinear, quantize_int8_decode  # random_model put the repository root on sys.path
 
 MID_SIZE_CONFIG = Path(__file__).with_name("qwen3_vl_mid_config.json")
 
 
-def timed_generate(model, inputs, new_tokens: int, repeats: int) -> float:
-    """Fastest of ``repeats`` runs forced to exactly ``new_tokens`` tokens (the machine is noisy)."""
-    best = float("inf")
+class TokenClock(StoppingCriteria):
+    """Notes the time each token comes out, so decoding is timed step by step rather than as the difference
+    of two whole runs (a second of prefill noise would otherwise shift every per-token figure)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def measure(model, inputs, new_tokens: int, repeats: int = 2) -> tuple[float, float]:
+    """(seconds to first token, median seconds per further token), the best of ``repeats`` runs."""
+    first, per_token = float("inf"), float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
+            clock = TokenClock()
             started = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            best = min(best, time.perf_counter() - started)
-    return best
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           stopping_criteria=StoppingCriteriaList([clock]))
+            steps = [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
+            first = min(first, clock.times[0] - started)
+            per_token = min(per_token, statistics.median(steps))
+    return first, per_token
 
 
-def measure(model, inputs, new_tokens: int) -> tuple[float, float]:
-    """(seconds to first token, seconds per further token)."""
-    first = timed_generate(model, inputs, 1, repeats=3)
-    total = timed_generate(model, inputs, new_tokens, repeats=2)
-    return first, (total - first) / (new_tokens - 1)
+def read_bandwidth_gb_s() -> float:
+    """How fast this machine's threads stream memory: the floor under a memory-bound decoding step."""
+    data = torch.ones(256 * 2 ** 20, dtype=torch.float32)  # 1 GiB, far beyond any cache
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * data.element_size() / best / 1e9
+
+
+def decode_step_bytes(model) -> int:
+    """Weight bytes one decoding step must read: the language model's Linear layers and the output head."""
+    layers = [*model.get_decoder().modules(), model.get_output_embeddings()]
+    tensors = [tensor for layer in layers for tensor in (
+        (layer.weight_int8, layer.scales) if isinstance(layer, Int8DecodeLinear)
+        else (layer.weight,) if isinstance(layer, torch.nn.Linear) else ())]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def main() -> None:
@@ -69,8 +100,8 @@ def main() -> None:
         # QUANTIZATION=int8 on the CPU: int8 copies of the language model's weights for the decoding steps.
         candidate = quantize_int8_decode(copy.deepcopy(model)) if name.endswith("+int8-decode") else model
         batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
-        measure(candidate, batch, 2)  # warm-up
-        rows.append((name, *measure(candidate, batch, args.new_tokens)))
+        measure(candidate, batch, 3, repeats=1)  # warm-up
+        rows.append((name, *measure(candidate, batch, args.new_tokens), decode_step_bytes(candidate)))
         del candidate
     base_first, base_token = rows[0][1], rows[0][2]
     n = args.answer_tokens
@@ -79,10 +110,18 @@ def main() -> None:
     print(f"| dtype | first token s | s/token | prefill vs {first} | decode vs {first} | diagram ({n} tokens) s "
           f"| vs {first} |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, first, per_token in rows:
+    for name, first, per_token, _ in rows:
         total = first + n * per_token
         print(f"| {name} | {first:.3f} | {per_token:.4f} | {first / base_first:.2f}x | {per_token / base_token:.2f}x "
               f"| {total:.2f} | {total / base_total:.2f}x |")
+    # Roofline: a decoding step reads every language-model weight once; it cannot beat memory bandwidth.
+    bandwidth = read_bandwidth_gb_s()
+    print(f"\nmemory read bandwidth: {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)")
+    print("| dtype | weights read per step GB | bandwidth floor s/token | measured / floor |")
+    print("|---|---:|---:|---:|")
+    for name, _, per_token, step_bytes in rows:
+        floor = step_bytes / 1e9 / bandwidth
+        print(f"| {name} | {step_bytes / 1e9:.2f} | {floor:.4f} | {per_token / floor:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def drive(base: str, png: bytes, concurrency: int, requests: int) -> dict[str, f
     latencies: list[float] = []
     ttfts: list[float] = []
     decode_rates: list[float] = []
+    decode_times: list[float] = []
     lock = threading.Lock()
 
     def one(_: int) -> None:
@@ -127,6 +128,7 @@ def drive(base: str, png: bytes, concurrency: int, requests: int) -> dict[str, f
         with lock:
             latencies.append(elapsed)
             ttfts.append(meta["queue_time"] + meta["preprocess_time"] + (meta["first_token_time"] or 0))
+            decode_times.append(decode_s)
             if meta["completion_tokens"] > 1 and decode_s > 0:
                 decode_rates.append((meta["completion_tokens"] - 1) / decode_s)
 
@@ -141,6 +143,7 @@ def drive(base: str, png: bytes, concurrency: int, requests: int) -> dict[str, f
         "ttft_s": statistics.median(ttfts),
         "decode_tok_s": statistics.median(decode_rates) if decode_rates else float("nan"),
         "diagrams_per_min": 60 * requests / wall,
+        "decode_s": statistics.median(decode_times),
     }
 
 
