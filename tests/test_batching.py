@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 import pytest
@@ -60,6 +61,16 @@ def test_rows_prepared_apart_collate_to_what_the_processor_builds_for_the_batch(
     assert set(collated) == set(expected)
     for key in expected:
         assert torch.equal(collated[key], expected[key].to(collated[key].dtype)), key
+
+
+def test_prepare_gives_the_same_inputs_from_many_threads_at_once(engine):
+    """The service calls prepare from worker threads concurrently; the shared processor must not mix them."""
+    jobs = [(image(SIZES[i % len(SIZES)]), f"prompt {i}") for i in range(24)]
+    expected = [engine.prepare(img, prompt) for img, prompt in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(lambda job: engine.prepare(*job), jobs), expected):
+                assert all(torch.equal(got[key], want[key]) for key in want)
 
 
 def test_rows_keep_their_own_token_cap_and_finish_early(engine):
