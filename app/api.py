@@ -9,7 +9,7 @@ from typing import Annotated, Any, Awaitable, Literal, TypeVar
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
-from .envelope import error_responses
+from .envelope import EnvelopedRoute, error_responses
 from .errors import ClientClosedError, NoTableError, NotReadyError
 from .imaging import ACCEPTED_TEXT
 from .metrics import wants_prometheus
@@ -19,7 +19,7 @@ from .serving import InferenceService, InferParams
 from .table import to_csv, to_markdown
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=EnvelopedRoute)
 T = TypeVar("T")
 
 

@@ -150,6 +150,12 @@ class Engine:
         self.generation_config = config
         eos = config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        # In a prompt these would be read as structure, not text: an image placeholder breaks the processor's
+        # count of image tokens, a turn marker rewrites the conversation.
+        self.control_tokens = tuple(self.processor.tokenizer.all_special_tokens)
+
+    def control_tokens_in(self, prompt: str) -> list[str]:
+        return [token for token in self.control_tokens if token in prompt]
 
     def prepare(self, image: Image.Image, prompt: str) -> ModelInputs:
         """One request's unpadded model inputs (chat template, token ids, image patches), on the CPU.

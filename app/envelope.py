@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .access import note
@@ -53,6 +54,27 @@ def _describe_validation(exc: RequestValidationError) -> ServiceError:
     return InvalidRequestError(f"invalid value - {details}")
 
 
+class EnvelopedRoute(APIRoute):
+    """Turns a handler's unexpected exception into the 500 envelope while the request is still in scope.
+
+    Starlette hands handlers for ``Exception`` to its outermost middleware, after the request-id and access-log
+    middlewares have finished: the log line and the body would lose the request id the message points to."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Any:
+            try:
+                return await handler(request)
+            except (ServiceError, StarletteHTTPException, RequestValidationError):
+                raise
+            except Exception:
+                logger.exception("unhandled error on %s %s", request.method, request.url.path)
+                raise ServiceError() from None
+
+        return handle
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -75,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
             mapped.status_code = exc.status_code if 400 <= exc.status_code < 500 else 400
         return error_response(mapped)
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)  # last resort, for errors outside the routes (see EnvelopedRoute)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(ServiceError())

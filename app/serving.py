@@ -154,6 +154,10 @@ class InferenceService:
         max_new_tokens = params.max_new_tokens or limit
         if max_new_tokens > limit:
             raise InvalidRequestError(f"max_new_tokens={max_new_tokens} is over this service's limit of {limit}")
+        control = engine.control_tokens_in(prompt)
+        if control:
+            raise InvalidRequestError(f"the prompt contains {control[0]}, one of the model's control tokens; "
+                                      "remove it (the image is inserted by the service)")
         return prompt, max_new_tokens
 
     def _metadata(self, engine: Engine, prepared: PreparedImage, result: GenerationResult, total_s: float,

@@ -43,6 +43,9 @@ class FakeEngine:
         self.loaded = SimpleNamespace(model_id="fake-model", adapter=None,
                                       placement=Placement("cpu", torch.float32))
 
+    def control_tokens_in(self, prompt: str) -> list[str]:
+        return [token for token in ("<|image_pad|>",) if token in prompt]
+
     def prepare(self, image, prompt) -> None:
         """Nothing to prepare: generate_batch below ignores model inputs."""
 

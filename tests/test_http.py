@@ -201,3 +201,22 @@ def test_oversized_chunked_upload_is_413():
                                headers={"Content-Type": "multipart/form-data; boundary=zzz"})
         assert response.status_code == 413
         assert response.json()["error"]["type"] == "payload_too_large"
+
+
+class FailingPrepare(FakeEngine):
+    def prepare(self, image, prompt):
+        raise RuntimeError("processor bug")
+
+
+def test_unexpected_error_is_the_500_envelope_with_the_request_id_in_body_and_log(caplog):
+    with make_client(engine=FailingPrepare()) as client:
+        wait_for_status(client, "healthy")
+        with caplog.at_level("ERROR"):
+            response = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                                   headers={"X-Request-ID": "trace-500"})
+    assert response.status_code == 500
+    assert response.json()["error"] == {"type": "internal_error", "request_id": "trace-500",
+                                        "message": "internal error; the request id is in the service log"}
+    assert "processor bug" not in response.text
+    logged = [r for r in caplog.records if r.getMessage().startswith("unhandled error on POST /infer")]
+    assert logged and logged[0].request_id == "trace-500" and "processor bug" in logged[0].exc_text
