@@ -16,7 +16,7 @@ from .engine import Engine, GenerationResult, ServingDefaults
 from .errors import DeadlineExceededError, InvalidRequestError, ServiceError
 from .guards import RepetitionGuard
 from .imaging import PreparedImage
-from .loader import load_model
+from .loader import ModelLoadError, load_model
 from .metrics import Metrics
 from .protocol import HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo, StepRow, TableData
 from .requestid import current_request_id
@@ -78,6 +78,10 @@ class InferenceService:
                         repetition_guard=RepetitionGuard() if self.settings.repetition_guard else None,
                         force_max_new_tokens=self.settings.force_max_new_tokens,
                         torch_compile=self.settings.torch_compile)
+        control = engine.control_tokens_in(engine.defaults.prompt)
+        if control:
+            raise ModelLoadError(f"the default prompt (PROMPT or the adapter's params.json) contains the control "
+                                 f"token {control[0]}; the service inserts the image and chat turns itself")
         if self.settings.warmup:
             started = time.perf_counter()
             engine.warmup()
@@ -148,13 +152,14 @@ class InferenceService:
 
     def _request_options(self, engine: Engine, params: InferParams) -> tuple[str, int]:
         defaults = engine.defaults
-        prompt = params.prompt if params.prompt and params.prompt.strip() else defaults.prompt
+        own_prompt = bool(params.prompt and params.prompt.strip())
+        prompt = params.prompt if own_prompt else defaults.prompt
         # The effective MAX_NEW_TOKENS (environment, else the adapter's params.json) is default and limit.
         limit = defaults.max_new_tokens
         max_new_tokens = params.max_new_tokens or limit
         if max_new_tokens > limit:
             raise InvalidRequestError(f"max_new_tokens={max_new_tokens} is over this service's limit of {limit}")
-        control = engine.control_tokens_in(prompt)
+        control = engine.control_tokens_in(prompt) if own_prompt else []  # the default is checked at load
         if control:
             raise InvalidRequestError(f"the prompt contains {control[0]}, one of the model's control tokens; "
                                       "remove it (the image is inserted by the service)")

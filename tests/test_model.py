@@ -219,3 +219,9 @@ def test_prompt_with_control_tokens_is_400_not_a_processor_crash(tiny_client, pr
                                 data={"prompt": prompt, "max_new_tokens": "2"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "invalid_request" and "control token" in response.text
+
+
+def test_default_prompt_with_a_control_token_fails_the_load_not_every_request(tiny_settings):
+    with TestClient(create_app(tiny_settings(prompt="Extract <|image_pad|> the table"))) as client:
+        body = wait_for_status(client, "failed")
+        assert "control token <|image_pad|>" in body["reason"] and "PROMPT" in body["reason"]
