@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     adapter_path: Path = Field(Path("/app/models/weights"), description="folder of the LoRA adapter")
     device: Device = Device.auto
     torch_dtype: TorchDType = TorchDType.auto
-    quantization: Quantization = Field(Quantization.none,
-                                       description="int8: int8 language-model weights (CPU: for decoding; CUDA: bitsandbytes)")
+    quantization: Quantization = Field(
+        Quantization.none, description="int8: int8 language-model weights (CPU: for decoding; CUDA: bitsandbytes)")
     max_new_tokens: int = Field(384, ge=1, le=8192, description="cap on generated tokens per request")
     prompt: str = Field(DEFAULT_PROMPT, min_length=1)
     hf_home: str | None = Field(None, description="Hugging Face cache root (read by huggingface_hub itself)")

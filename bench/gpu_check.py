@@ -1,14 +1,15 @@
 """GPU figures for the engine on the full Qwen3-VL-2B architecture (random weights), bf16 on CUDA.
 
 Single-stream time to first token and decode tokens/s, throughput at batch 1/8/32, peak GPU memory, and
-a 1024x768 diagram with 384 new tokens single-stream; eager, with TORCH_COMPILE (static cache +
-torch.compile), and eager with QUANTIZATION=int8 (bitsandbytes, when installed). Run by bench/gpu_check.sh
-on a lent GPU.
+a 1024x768 diagram with 384 new tokens single-stream; eager, eager with QUANTIZATION=int8 (bitsandbytes,
+when installed) and with TORCH_COMPILE (static cache + torch.compile). Run by bench/gpu_check.sh on a lent GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import sys
 import time
@@ -46,6 +47,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--diagram-tokens", type=int, default=384, help="the single-stream diagram's length")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
@@ -55,27 +57,34 @@ def main() -> int:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     loaded = LoadedModel(model, processor, Placement("cuda", torch.bfloat16), "qwen3-vl-2b-random", None)
     image = Image.new("RGB", (1024, 768), "white")
-    rows = []
-    for mode in ("eager", "torch_compile", "int8_bitsandbytes"):
-        if mode == "int8_bitsandbytes":  # last: it replaces the model's layers in place
-            try:
-                model = quantize_bitsandbytes(model, "cuda")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    rows: list[dict] = []
+    # Compiling is the slowest to warm up, so it runs last: if the device's time runs out, the rows already
+    # printed and written are kept.
+    for mode in ("eager", "int8_bitsandbytes", "torch_compile"):
+        target = loaded
+        if mode == "int8_bitsandbytes":
+            try:  # on a copy: the layers are replaced in place
+                target = dataclasses.replace(loaded, model=quantize_bitsandbytes(copy.deepcopy(model), "cuda"))
             except ImportError:
                 print("bitsandbytes is not installed: no int8 rows", flush=True)
-                break
-        engine = Engine(loaded, ServingDefaults("Extract the table.", 384, 1024), force_max_new_tokens=True,
-                        torch_compile=mode == "torch_compile")
+                continue
+        defaults = ServingDefaults("Extract the table.", args.diagram_tokens, 1024)
+        engine = Engine(target, defaults, force_max_new_tokens=True, torch_compile=mode == "torch_compile")
         for batch in [1] + [int(b) for b in args.batches.split(",")]:
             engine.generate_batch([GenerationRequest(image, "warm up", 8) for _ in range(batch)])  # (re)compile
-        rows.append(timed(engine, 1, 384, image, mode))  # the 1024x768, 384-token single-stream diagram
-        rows += [timed(engine, int(b), args.new_tokens, image, mode) for b in args.batches.split(",")]
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---:|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        measured = [timed(engine, 1, args.diagram_tokens, image, mode)]  # the 1024x768 single-stream diagram
+        measured += [timed(engine, int(b), args.new_tokens, image, mode) for b in args.batches.split(",")]
+        for row in measured:
+            if not rows:
+                print("| " + " | ".join(row) + " |\n|" + "---:|" * len(row), flush=True)
+            print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |",
+                  flush=True)
+            rows.append(row)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        del engine, target
+        torch.cuda.empty_cache()
     return 0
 
 

@@ -4,8 +4,8 @@
 # but not pydantic-settings or bitsandbytes: carry those wheels in .whl (see the device tool's README) and
 # name .whl in the run's carry list.
 #   here:  pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#            --platform manylinux_2_28_x86_64 -d .whl pydantic-settings==2.16.3 python-dotenv \
-#            bitsandbytes==0.50.2
+#            --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl \
+#            pydantic-settings==2.16.3 python-dotenv bitsandbytes==0.50.2      (46 MB, under the 64 MiB carry)
 #   there: bash bench/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
