@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .device import Placement, resolve_dtype
+from .device import Placement, cpu_has_native_bf16, resolve_dtype
 from .settings import Quantization, Settings, TorchDType
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def quantize(model: Any, placement: Placement) -> tuple[Any, Placement]:
     from .quantize import quantize_bitsandbytes, quantize_int8_decode
 
     if placement.device == "cpu":
+        if not cpu_has_native_bf16():
+            logger.warning("QUANTIZATION=int8: the int8 kernel computes in bfloat16, which this CPU emulates; it was "
+                           "measured only on CPUs with AMX - check it with bench/cpu_dtype.py before relying on it")
         return quantize_int8_decode(model), dataclasses.replace(placement, quantization="int8-decode")
     if placement.device == "cuda":
         return quantize_bitsandbytes(model, "cuda"), dataclasses.replace(placement, quantization="int8-bitsandbytes")

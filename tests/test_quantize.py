@@ -79,3 +79,12 @@ def test_bitsandbytes_layers_replace_the_language_model_linears(tiny_settings):
 def test_int8_on_mps_is_refused_with_the_reason():
     with pytest.raises(ModelLoadError, match="QUANTIZATION=int8 runs on cpu or cuda"):
         quantize(torch.nn.Linear(2, 2), Placement("mps", torch.float16))
+
+
+def test_int8_on_a_cpu_without_native_bf16_warns(tiny_settings, monkeypatch, caplog):
+    model = load(tiny_settings()).model
+    monkeypatch.setattr("app.loader.cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        _, placement = quantize(model, Placement("cpu", torch.float32))
+    assert placement.quantization == "int8-decode"
+    assert any("emulates" in record.getMessage() for record in caplog.records)
