@@ -69,7 +69,7 @@ def resolve_dtype(device: str, requested: TorchDType, parameters: int | None = N
             return (torch.bfloat16 if cuda_bf16 else torch.float16), []
         if device == "mps":
             return torch.float16, []
-        # CPU: with AMX / AVX512-BF16, bfloat16 makes the image prefill ~4x faster at equal decode speed;
+        # CPU: with AMX / AVX512-BF16, bfloat16 makes the image prefill ~3x and decoding ~1.4x faster;
         # without them it is emulated and several times slower (README, "Choice of dtype").
         small = parameters is not None and parameters < SMALL_MODEL_PARAMETERS
         return (torch.bfloat16 if cpu_has_native_bf16() and not small else torch.float32), []
