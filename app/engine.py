@@ -1,29 +1,37 @@
-"""Synchronous model work: image + prompt -> model inputs -> greedy generation -> text. No web imports."""
+"""Synchronous model work over a fixed set of KV slots: prepare a request's inputs, prefill requests into free
+slots, advance every occupied slot by one greedy token, free a slot. No web imports, no threads, no policy:
+the scheduler decides which sequences run; this decides how a step runs."""
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import BatchFeature, CompileConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import BatchFeature, DynamicCache
 
+from .cuda_graphs import GraphedDecodeStep
+from .decode_step import DecodeStep
 from .guards import RepetitionGuard
 from .imaging import VisionGeometry
+from .kvcache import CacheShape, SlotKVCache
 from .loader import LoadedModel
+from .sequence import GenerationResult, PreparedInputs, Sequence, StopRules
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ModelInputs = dict[str, torch.Tensor]
+__all__ = ["Engine", "GenerationResult", "PromptTooLongError", "ServingDefaults"]
+
 # The processor's per-token outputs (padded when rows are batched); the others are per image.
 TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids"})
+
+
+class PromptTooLongError(ValueError):
+    """The prompt's text does not fit the KV slot budget (MAX_PROMPT_TOKENS)."""
 
 
 @dataclass(frozen=True)
@@ -45,87 +53,25 @@ class ServingDefaults:
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    image_tokens: int
-    finish_reason: str  # stop | length | repetition | cancelled
-    preprocess_time_s: float
-    generation_time_s: float
-    first_token_time_s: float | None = None  # prefill, vision encoder included
+class EngineLimits:
+    """How much the engine holds at once: its KV slots and what one slot must fit."""
 
-
-@dataclass
-class GenerationRequest:
-    """One row of a batch. ``on_done`` is called on the model thread as soon as this row finishes,
-    even while other rows of its batch still generate."""
-
-    image: Image.Image
-    prompt: str
-    max_new_tokens: int
-    cancel: threading.Event = field(default_factory=threading.Event)
-    on_done: Callable[[GenerationResult], None] = lambda result: None
-    result: GenerationResult | None = None
-    inputs: ModelInputs | None = None  # from Engine.prepare; when absent, prepared on the model thread
-
-
-class _BatchWatch(StoppingCriteria):
-    """Called after every decoding step. Decides per row whether it is finished (end of turn, its own
-    max_new_tokens, cancelled by deadline or disconnect, degenerate repetition), hands each finished row
-    its result right away, and notes when the first token came out (the end of prefill)."""
-
-    def __init__(self, engine: "Engine", requests: list[GenerationRequest], inputs: Any, started: float,
-                 preprocessed: float):
-        self.engine = engine
-        self.requests = requests
-        self.prompt_length = int(inputs["input_ids"].shape[1])
-        self.prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        merge = engine.processor.image_processor.merge_size ** 2
-        self.image_tokens = (inputs["image_grid_thw"].prod(dim=-1) // merge).tolist()
-        self.started, self.preprocessed = started, preprocessed
-        self.first_token_at: float | None = None
-        self.done = [False] * len(requests)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        generated = input_ids[:, self.prompt_length:]
-        last_tokens = generated[:, -1].tolist()  # one device->host copy per step, not one per row
-        for row, request in enumerate(self.requests):
-            if not self.done[row]:
-                reason = self.engine.finish_reason(generated[row], request, last_tokens[row])
-                if reason is not None:
-                    self.finish(row, generated[row].tolist(), reason)
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
-
-    def finish(self, row: int, tokens: list[int], reason: str) -> None:
-        self.done[row] = True
-        request = self.requests[row]
-        now = time.perf_counter()
-        request.result = GenerationResult(
-            text=self.engine.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-            prompt_tokens=int(self.prompt_tokens[row]), completion_tokens=len(tokens),
-            image_tokens=int(self.image_tokens[row]), finish_reason=reason,
-            preprocess_time_s=self.preprocessed - self.started, generation_time_s=now - self.preprocessed,
-            first_token_time_s=(self.first_token_at or now) - self.preprocessed,
-        )
-        request.on_done(request.result)
+    max_rows: int = 8  # KV slots: requests decoded together
+    max_prompt_tokens: int = 1024  # text tokens of a prompt (chat template included), besides the image
 
 
 class Engine:
-    """Owns the loaded model and processor; every method is blocking and meant for the model thread."""
+    """Owns the loaded model, its processor and the slot cache; every method but ``prepare`` is for the
+    model thread. Occupied slots are kept contiguous (0..n-1), so a step runs on a prefix of the cache."""
 
     def __init__(self, loaded: LoadedModel, defaults: ServingDefaults,
                  repetition_guard: RepetitionGuard | None = RepetitionGuard(), force_max_new_tokens: bool = False,
-                 torch_compile: bool = False):
+                 limits: EngineLimits = EngineLimits()):
         self.loaded = loaded
-        self.force_max_new_tokens = force_max_new_tokens
-        self.repetition_guard = repetition_guard
         self.model = loaded.model
         self.processor = loaded.processor
-        self.processor.tokenizer.padding_side = "left"  # rows of a batch must end where generation starts
         self.defaults = defaults
+        self.limits = limits
         image_processor = self.processor.image_processor
         factor = image_processor.patch_size * image_processor.merge_size
         self.geometry = VisionGeometry(
@@ -133,108 +79,174 @@ class Engine:
             min_pixels=int(image_processor.size["shortest_edge"]),
             max_pixels=min(int(image_processor.size["longest_edge"]), defaults.max_image_tokens * factor * factor),
         )
-        config = copy.deepcopy(self.model.generation_config)
-        # Greedy, whatever the checkpoint's sampling defaults: the table must be reproducible.
-        config.do_sample, config.num_beams = False, 1
-        config.temperature = config.top_p = config.top_k = None
-        if config.pad_token_id is None:
-            config.pad_token_id = self.processor.tokenizer.pad_token_id
-        if torch_compile:
-            # A fixed-size KV cache lets transformers compile the per-token step once per shape; it does so
-            # on CUDA only (on the CPU inductor would need a C++ compiler in the image).
-            config.cache_implementation = "static"
-            config.compile_config = CompileConfig(mode="reduce-overhead")
-            if loaded.placement.device != "cuda":
-                logger.warning("TORCH_COMPILE: compiling needs CUDA; on %s only the static cache is used",
-                               loaded.placement.device)
-        self.generation_config = config
+        self._merge = image_processor.merge_size ** 2
+        config = self.model.generation_config
         eos = config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stop_rules = StopRules(eos_ids, force_max_new_tokens, repetition_guard)
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
         # In a prompt these would be read as structure, not text: an image placeholder breaks the processor's
         # count of image tokens, a turn marker rewrites the conversation.
         self.control_tokens = tuple(self.processor.tokenizer.all_special_tokens)
+        text_config = self.model.config.text_config
+        attention = self.model.model.language_model.layers[0].self_attn
+        self.max_image_tokens = self.geometry.max_pixels // (factor * factor)
+        self.cache = SlotKVCache(
+            CacheShape(layers=text_config.num_hidden_layers, slots=limits.max_rows,
+                       slot_tokens=self.max_image_tokens + limits.max_prompt_tokens + defaults.max_new_tokens,
+                       kv_heads=text_config.num_key_value_heads, head_dim=attention.head_dim),
+            dtype=self.model.dtype, device=self.model.device)
+        self._step = DecodeStep(self.model, self.cache)
+        self._run_step: DecodeStep | GraphedDecodeStep = self._step
+        self.decode_mode = "eager"
+        self.occupants: list[Sequence] = []  # occupants[i] holds slot i
 
+    @property
+    def max_rows(self) -> int:
+        return self.limits.max_rows
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self.occupants)
+
+    # --- before the queue (any thread) ------------------------------------------------------------
     def control_tokens_in(self, prompt: str) -> list[str]:
         return [token for token in self.control_tokens if token in prompt]
 
-    def prepare(self, image: Image.Image, prompt: str) -> ModelInputs:
+    def prepare(self, image: Image.Image, prompt: str) -> PreparedInputs:
         """One request's unpadded model inputs (chat template, token ids, image patches), on the CPU.
 
         Safe to call from any thread. The service calls it before queueing, so one request's preprocessing
-        neither holds up the model thread (it was 40 % of that thread's time at batch 16 on the CPU) nor,
-        if it fails, the other rows of a batch."""
+        neither holds up the model thread nor, if it fails, the other rows."""
         text = self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
             add_generation_prompt=True, tokenize=False,
         )
         inputs = self.processor(text=[text], images=[image], return_tensors="pt")
+        image_tokens = int(inputs["image_grid_thw"].prod(dim=-1).sum()) // self._merge
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        text_tokens = prompt_tokens - image_tokens
+        if text_tokens > self.limits.max_prompt_tokens:
+            raise PromptTooLongError(f"the prompt takes {text_tokens} tokens with the chat template; this service "
+                                     f"takes at most {self.limits.max_prompt_tokens} (MAX_PROMPT_TOKENS)")
         # The vision encoder casts the patches to its dtype first thing; casting here instead halves what a
         # queued bfloat16 request holds (a 1024-token image is 25 MB of float32 patches).
-        return {key: value.to(self.model.dtype) if value.is_floating_point() else value
-                for key, value in inputs.items()}
+        tensors = {key: value.to(self.model.dtype) if value.is_floating_point() else value
+                   for key, value in inputs.items()}
+        return PreparedInputs(tensors, prompt_tokens, image_tokens)
 
-    def collate(self, rows: list[ModelInputs]) -> Any:
-        """Rows from ``prepare`` as one batch: per-token tensors left-padded to the longest row (rows of a
-        batch must end where generation starts), per-image tensors concatenated - what the processor returns
-        for the whole batch with padding (a test holds the two equal)."""
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    # --- the model thread ---------------------------------------------------------------------------
+    def capture_graphs(self) -> None:
+        """On CUDA, capture the decoding step per batch bucket; elsewhere (or if capture fails) stay eager."""
+        if self.model.device.type != "cuda":
+            return
+        if self.loaded.placement.quantization:
+            self.decode_mode = f"eager ({self.loaded.placement.quantization} kernels are not captured)"
+            logger.warning("decoding runs eagerly: %s layers are not captured as CUDA graphs",
+                           self.loaded.placement.quantization)
+            return
+        graphed = GraphedDecodeStep(self._step, self.max_rows)
+        try:
+            graphed.capture()
+        except Exception as error:  # noqa: BLE001 - eager decoding is slower but correct: keep serving
+            self._step.reset()
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self.decode_mode = f"eager (CUDA graph capture failed: {reason})"
+            logger.exception("CUDA graph capture failed; decoding eagerly")
+            return
+        self._run_step = graphed
+        self.decode_mode = "cuda-graphs"
+
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> BatchFeature:
+        """Rows from ``prepare`` as one prefill batch: per-token tensors right-padded (each row's keys and
+        values then start at position 0, as in its slot; causal attention never looks at the padding after a
+        row), per-image tensors concatenated in row order."""
         length = max(int(row["input_ids"].shape[1]) for row in rows)
         batch = {}
         for key in rows[0]:
             if key in TOKEN_KEYS:
-                fill = self.processor.tokenizer.pad_token_id if key == "input_ids" else 0
-                batch[key] = torch.cat([F.pad(row[key], (length - row[key].shape[1], 0), value=fill) for row in rows])
+                fill = self.pad_token_id if key == "input_ids" else 0
+                batch[key] = torch.cat([F.pad(row[key], (0, length - row[key].shape[1]), value=fill)
+                                        for row in rows])
             else:
                 batch[key] = torch.cat([row[key] for row in rows])
         return BatchFeature(batch).to(self.model.device)
 
-    def finish_reason(self, generated: torch.Tensor, request: GenerationRequest,
-                      last_token: int | None = None) -> str | None:
-        """Why this row is finished after the latest step, or None while it goes on."""
-        if request.cancel.is_set():
-            return "cancelled"
-        count = int(generated.shape[0])
-        if self.force_max_new_tokens:
-            return "length" if count >= request.max_new_tokens else None
-        if count and (last_token if last_token is not None else int(generated[-1])) in self.eos_ids:
-            return "stop"
-        if count >= request.max_new_tokens:
-            return "length"
-        guard = self.repetition_guard
-        if guard is not None and count >= guard.min_span and guard.tripped(
-                generated[-guard.max_period * 8:].tolist()):
-            return "repetition"
-        return None
+    @torch.inference_mode()
+    def prefill(self, sequences: list[Sequence]) -> list[int]:
+        """Run the prompts (vision encoder, deepstack, M-RoPE: the model's own forward) as one batch, put each
+        one's keys and values into a free slot, and return each one's first generated token."""
+        if len(self.occupants) + len(sequences) > self.max_rows:
+            raise RuntimeError(f"{len(sequences)} sequences do not fit the {self.max_rows - len(self.occupants)} "
+                               "free slots")
+        batch = self.collate([sequence.inputs.tensors for sequence in sequences])
+        lengths = batch["attention_mask"].sum(dim=1)
+        core = self.model.model
+        position_ids, _ = core.get_rope_index(
+            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
+        kv = DynamicCache(config=self.model.config.text_config)
+        hidden = core(**batch, position_ids=position_ids, cache=kv, use_cache=True).last_hidden_state
+        rows = torch.arange(len(sequences), device=hidden.device)
+        first = self.model.lm_head(hidden[rows, lengths - 1]).argmax(dim=-1)
+        # Decoding continues each row's text positions from the largest position its prompt used.
+        valid = batch["attention_mask"].bool()[None]
+        offsets = position_ids.masked_fill(~valid, -1).amax(dim=(0, 2)) + 1 - lengths
+        keys = torch.stack([layer.keys for layer in kv.layers])  # [layer, row, kv_head, position, dim]
+        values = torch.stack([layer.values for layer in kv.layers])
+        host_lengths = lengths.tolist()
+        slots = []
+        for row, sequence in enumerate(sequences):
+            sequence.slot = len(self.occupants)
+            sequence.position = host_lengths[row]
+            self.occupants.append(sequence)
+            slots.append(sequence.slot)
+            self.cache.store(sequence.slot, keys[:, row, :, :host_lengths[row]], values[:, row, :, :host_lengths[row]])
+        index = torch.tensor(slots, device=hidden.device)
+        step = self._step
+        step.tokens.index_copy_(0, index, first)
+        step.positions.index_copy_(0, index, lengths.to(step.positions.dtype))
+        step.rope_offsets.index_copy_(0, index, offsets.to(step.rope_offsets.dtype))
+        return first.tolist()
 
-    def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Greedy generation for several images at once (left padding, one forward pass per step for
-        all rows). Each row stops on its own terms and gets its result as soon as it stops."""
-        started = time.perf_counter()
-        inputs = self.collate([r.inputs if r.inputs is not None else self.prepare(r.image, r.prompt)
-                               for r in requests])
-        watch = _BatchWatch(self, requests, inputs, started, time.perf_counter())
-        config = copy.copy(self.generation_config)
-        config.max_new_tokens = max(r.max_new_tokens for r in requests)
-        if self.force_max_new_tokens:  # benchmarks: comparable runs need a fixed token count
-            config.min_new_tokens = config.max_new_tokens
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=config,
-                                         stopping_criteria=StoppingCriteriaList([watch]))
-        generated = output[:, watch.prompt_length:]
-        for row, request in enumerate(requests):
-            if request.result is None:  # generate() ended by itself (e.g. every row at end of turn)
-                tokens = generated[row].tolist()
-                while tokens and tokens[-1] == config.pad_token_id and config.pad_token_id not in self.eos_ids:
-                    tokens.pop()
-                watch.finish(row, tokens, self.finish_reason(generated[row], request) or "stop")
-        return [request.result for request in requests]
+    def decode(self, sequences: list[Sequence]) -> list[int]:
+        """One greedy step for every occupied slot; ``sequences`` must be exactly the occupants. Returns
+        their new tokens in the order given, with a single device-to-host copy."""
+        if len(sequences) != len(self.occupants):
+            raise RuntimeError(f"decode of {len(sequences)} sequences, {len(self.occupants)} slots occupied")
+        longest = max(sequence.position for sequence in self.occupants) + 1
+        tokens = self._run_step(len(self.occupants), longest).tolist()
+        for sequence in self.occupants:
+            sequence.position += 1
+        return [tokens[sequence.slot] for sequence in sequences]
 
-    def generate(self, image: Image.Image, prompt: str, max_new_tokens: int,
-                 cancel: threading.Event | None = None) -> GenerationResult:
-        """Greedy generation for one image. ``cancel`` stops it at the next token."""
-        request = GenerationRequest(image, prompt, max_new_tokens, cancel or threading.Event())
-        return self.generate_batch([request])[0]
+    def free(self, sequence: Sequence) -> None:
+        """Give its slot back; the last occupant moves into it, so occupied slots stay 0..n-1."""
+        slot = sequence.slot
+        if slot is None:
+            return
+        sequence.slot = None
+        last = self.occupants.pop()
+        if last is sequence:
+            return
+        self.cache.move(last.slot, slot, last.position)
+        step = self._step
+        for buffer in (step.tokens, step.positions, step.rope_offsets):
+            buffer[slot].copy_(buffer[last.slot])
+        last.slot = slot
+        self.occupants[slot] = last
 
-    def warmup(self) -> GenerationResult:
-        """One short generation on a synthetic diagram-like image, so the first request pays no setup."""
-        image = Image.new("RGB", (256, 192), "white")
-        return self.generate(image, self.defaults.prompt, max_new_tokens=2)
+    def release_all(self) -> None:
+        """Forget every occupant (after a device error failed them all)."""
+        for sequence in self.occupants:
+            sequence.slot = None
+        self.occupants.clear()
+
+    def cache_info(self) -> dict[str, int]:
+        shape = self.cache.shape
+        return {"slots": shape.slots, "slot_tokens": shape.slot_tokens, "bytes": self.cache.nbytes,
+                "slots_in_use": len(self.occupants)}
+

@@ -36,15 +36,19 @@ class Metrics:
                                 ["endpoint", "status"], registry=registry)
         self.request_duration = Histogram("vlm_request_duration_seconds", "Time to answer /infer, end to end",
                                           buckets=SECONDS_BUCKETS, registry=registry)
-        self.queue_wait = Histogram("vlm_queue_wait_seconds", "Time an /infer request waited for the model",
+        self.queue_wait = Histogram("vlm_queue_wait_seconds", "Time an /infer request waited for a KV slot",
                                     buckets=SECONDS_BUCKETS, registry=registry)
         self.preprocess = Histogram("vlm_preprocess_duration_seconds",
                                     "Decoding the upload and building model inputs", buckets=FAST_BUCKETS,
                                     registry=registry)
         self.first_token = Histogram("vlm_time_to_first_token_seconds",
-                                     "Prefill: from generate() start to the first token (vision encoder included)",
+                                     "Prefill: from its start to the first token (vision encoder included)",
                                      buckets=SECONDS_BUCKETS, registry=registry)
-        self.generation = Histogram("vlm_generation_duration_seconds", "Time inside generate()",
+        self.time_per_output_token = Histogram(
+            "vlm_time_per_output_token_seconds", "Decoding time per generated token after the first, per request",
+            buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+            registry=registry)
+        self.generation = Histogram("vlm_generation_duration_seconds", "From prefill start to the last token",
                                     buckets=SECONDS_BUCKETS, registry=registry)
         self.prompt_tokens = Counter("vlm_prompt_tokens", "Prompt tokens (image tokens included)",
                                      registry=registry)
@@ -61,6 +65,8 @@ class Metrics:
         self.queue_depth = Gauge("vlm_queue_depth", "Admitted /infer requests waiting for the model",
                                  registry=registry)
         self.in_flight = Gauge("vlm_in_flight_requests", "/infer requests running on the model", registry=registry)
+        self.slots_in_use = Gauge("vlm_kv_slots_in_use", "KV-cache slots held by requests", registry=registry)
+        self.slots = Gauge("vlm_kv_slots", "KV-cache slots allocated (MAX_BATCH_SIZE)", registry=registry)
         self.model_load = Gauge("vlm_model_load_seconds", "Seconds the model took to load, merge and warm up",
                                 registry=registry)
         self.model_info = Gauge("vlm_model_info", "The model being served (value is always 1)",

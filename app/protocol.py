@@ -18,11 +18,11 @@ class ErrorResponse(BaseModel):
 class InferMetadata(BaseModel):
     request_id: str | None
     inference_time: float = Field(description="seconds from admission to answer, queue wait included")
-    generation_time: float = Field(description="seconds spent in generate()")
-    first_token_time: float | None = Field(None, description="seconds from generate() start to the first token "
-                                           "(prefill, vision encoder included)")
+    generation_time: float = Field(description="seconds from the start of its prefill to its last token")
+    first_token_time: float | None = Field(None, description="seconds from the start of its prefill to its first "
+                                           "token (vision encoder included)")
     preprocess_time: float = Field(description="seconds decoding the upload and building model inputs")
-    queue_time: float = Field(description="seconds waited for the model")
+    queue_time: float = Field(description="seconds waited for a KV slot")
     image_size: list[int] = Field(description="[width, height] as received", examples=[[1024, 768]])
     model_image_size: list[int] = Field(description="[width, height] actually fed to the model")
     image_tokens: int = Field(description="vision tokens the image took in the prompt")
@@ -63,6 +63,13 @@ class InferResponse(BaseModel):
     metadata: InferMetadata
 
 
+class KVCacheInfo(BaseModel):
+    slots: int = Field(description="requests that can decode at once (MAX_BATCH_SIZE)")
+    slot_tokens: int = Field(description="tokens one slot holds: image budget + MAX_PROMPT_TOKENS + MAX_NEW_TOKENS")
+    bytes: int = Field(description="memory the cache takes on the device, allocated once at load")
+    slots_in_use: int
+
+
 class HealthResponse(BaseModel):
     status: str = Field(description="healthy | loading | failed | draining", examples=["healthy"])
     model_loaded: bool
@@ -74,8 +81,12 @@ class HealthResponse(BaseModel):
     dtype: str | None
     model_load_time: float | None = Field(description="seconds from start of load to ready")
     reason: str | None = Field(None, description="why the load failed (status=failed)")
-    queue_depth: int
-    in_flight: int
+    phase: str | None = Field(None, description="what the load is doing now (status=loading)",
+                              examples=["capturing CUDA graphs"])
+    queue_depth: int = Field(description="admitted requests without a KV slot yet")
+    in_flight: int = Field(description="requests holding a KV slot")
+    kv_cache: KVCacheInfo | None = None
+    decode_mode: str | None = Field(None, description="cuda-graphs, or eager (with the reason on CUDA)")
     error: ErrorBody | None = Field(None, description="set whenever the status code is not 200")
 
 

@@ -1,16 +1,20 @@
-"""The one place that knows about threads: model lifecycle, admission bound, deadlines, cancellation."""
+"""The one place that knows about threads: model lifecycle, admission bound, deadlines, cancellation, and
+the model thread that runs the scheduler step after step."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any, Awaitable, Callable
 
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
+from .scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler
+from .sequence import GenerationResult, PreparedInputs, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -32,42 +36,23 @@ _NOT_READY = {
 
 
 class Ticket:
-    """An admitted request's slot; released exactly once, when the request is finished."""
+    """An admitted request's place. It counts as waiting until its sequence gets a KV slot or the request
+    ends, whichever comes first, and as admitted until the request ends."""
 
     def __init__(self, runner: "Runner"):
         self._runner = runner
         self._released = False
+        self._waiting = True
         self.admitted_at = time.perf_counter()
 
-    def release(self) -> None:
+    def started(self) -> None:  # the model thread: its sequence got a slot
+        self._runner._stop_waiting(self)
+
+    def release(self) -> None:  # the event loop: the request is answered
         if not self._released:
             self._released = True
+            self._runner._stop_waiting(self)
             self._runner._pending -= 1
-
-
-class _Job:
-    """A queued generation and the event-loop future its result goes to."""
-
-    def __init__(self, request: Any, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
-        self.request, self.loop, self.future = request, loop, future
-        self.queued_at = time.perf_counter()
-        self.started_at: float | None = None
-
-    def abandoned(self) -> bool:
-        """Timed out or disconnected while queued: never touches the device."""
-        return self.request.cancel.is_set()
-
-    def resolve(self, result: Any) -> None:  # called on the model thread
-        self._hand_over(result, None)
-
-    def fail(self, error: BaseException) -> None:
-        self._hand_over(None, error)
-
-    def _hand_over(self, result: Any, error: BaseException | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(_settle, self.future, result, error)
-        except RuntimeError:  # the event loop is closed (shutting down): nobody is waiting any more
-            pass
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -79,43 +64,61 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_result(result)
 
 
+def _hand_over(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any,
+               error: BaseException | None) -> None:
+    """From the model thread to the request's coroutine."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:  # the event loop is closed (shutting down): nobody is waiting any more
+        pass
+
+
 _STOP = object()
 
 
 class Runner:
-    """Runs model work on a single dedicated thread, behind a bounded admission count.
+    """Runs the model on a single dedicated thread, behind a bounded admission count.
 
-    Requests queue for that thread, which generates whatever is queued as one batch (up to
-    ``max_batch_size``). At most ``max_queue`` requests wait beyond a full batch; more are refused at
-    once (503), so a burst sheds load instead of piling up memory and latency.
+    Admitted requests queue for that thread, whose scheduler lets them join the running batch at the next
+    step. At most ``max_queue`` requests wait beyond a full set of slots; more are refused at once (503), so
+    a burst sheds load instead of piling up memory and latency.
     """
 
-    def __init__(self, max_queue: int, max_batch_size: int = 1, batch_wait_s: float = 0.0):
+    def __init__(self, max_queue: int, prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET):
         self.max_queue = max_queue
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_s
-        self._queue: queue.Queue = queue.Queue()
+        self.prefill_token_budget = prefill_token_budget
+        self._inbox: queue.Queue = queue.Queue()  # bounded by admission: max_queue + slots
         self.state = ModelState.loading
+        self.phase: str | None = "starting"  # what the load is doing now, for /health
         self.failure_reason: str | None = None
         self.engine: Any = None
+        self.scheduler: Scheduler | None = None
         self.load_time_s: float | None = None
-        self._pending = 0  # admitted and not finished: waiting + running
-        self._running = 0
+        self._pending = 0  # admitted and not answered (event loop only)
+        self._waiting = 0  # admitted and without a KV slot yet
+        self._lock = threading.Lock()  # _waiting changes on both threads
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     @property
     def pending(self) -> int:
-        """Admitted requests not finished yet (waiting or running)."""
+        """Admitted requests not answered yet."""
         return self._pending
 
     @property
     def queue_depth(self) -> int:
-        """Admitted requests not yet on the device."""
-        return self._pending - self._running
+        """Admitted requests without a KV slot yet (uploading, decoding, or queued for the model)."""
+        return self._waiting
 
     @property
     def in_flight(self) -> int:
-        return self._running
+        """Requests holding a KV slot (prefilling or decoding)."""
+        return self.engine.slots_in_use if self.engine is not None else 0
+
+    def _stop_waiting(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket._waiting:
+                ticket._waiting = False
+                self._waiting -= 1
 
     async def load(self, load_engine: Callable[[], Any], *alongside: Awaitable[Any]) -> None:
         """Build the engine on the model thread (and await ``alongside`` meanwhile); flip to ready or
@@ -130,89 +133,70 @@ class Runner:
                 self.state = ModelState.failed
             logger.error("model load failed: %s", self.failure_reason, exc_info=not _is_expected(error))
             return
+        finally:
+            self.phase = None
         self.engine = engine
-        self._executor.submit(self._batch_loop)
+        self.scheduler = Scheduler(engine, self.prefill_token_budget)
+        self._executor.submit(self._serve)
         self.load_time_s = time.perf_counter() - started
         if self.state == ModelState.loading:
             self.state = ModelState.ready
         logger.info("model ready in %.2f s", self.load_time_s)
 
     def admit(self) -> Ticket:
-        """Reserve a slot or raise at once (503 with Retry-After): not ready, draining, or queue full."""
+        """Reserve a place or raise at once (503 with Retry-After): not ready, draining, or queue full."""
         if self.state != ModelState.ready:
             message, retry_after_s = _NOT_READY[self.state]
             raise NotReadyError(message, headers={"Retry-After": str(retry_after_s)})
-        if self._pending >= self.max_queue + self.max_batch_size:
+        if self._pending >= self.max_queue + self.engine.max_rows:
             raise OverloadedError(
                 f"too many requests in flight ({self._pending}); retry shortly",
                 headers={"Retry-After": str(RETRY_AFTER_BUSY_S)},
             )
         self._pending += 1
+        with self._lock:
+            self._waiting += 1
         return Ticket(self)
 
-    async def generate(self, image: Any, prompt: str, max_new_tokens: int, *, inputs: Any = None,
-                       timeout_s: float | None = None) -> tuple[Any, float]:
-        """Queue one generation for the batching thread; return (result, seconds it waited for the
-        model). Past ``timeout_s``, or if the caller is cancelled (client disconnect), the row's cancel
-        flag is set: it stops at its next step and frees its place in the batch."""
-        from .engine import GenerationRequest
-
+    async def generate(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, *,
+                       timeout_s: float | None = None) -> GenerationResult:
+        """Queue one sequence for the model thread and wait for its result. Past ``timeout_s``, or if the
+        caller is cancelled (client disconnect), its cancel flag is set: it leaves its slot at the next step."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        job = _Job(GenerationRequest(image, prompt, max_new_tokens, inputs=inputs), loop, future)
-        job.request.on_done = job.resolve
-        self._queue.put(job)
+        sequence = Sequence(inputs, max_new_tokens, on_start=ticket.started,
+                            on_done=lambda result: _hand_over(loop, future, result, None),
+                            on_error=lambda error: _hand_over(loop, future, None, error))
+        self._inbox.put(sequence)
         try:
-            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except asyncio.TimeoutError:
-            job.request.cancel.set()
+            sequence.cancel.set()
             raise DeadlineExceededError(f"the request did not finish within {timeout_s:g} s") from None
         except asyncio.CancelledError:
-            job.request.cancel.set()
+            sequence.cancel.set()
             raise
-        return result, (job.started_at or job.queued_at) - job.queued_at
 
-    def _batch_loop(self) -> None:
-        """The model thread's life after loading: take everything queued, plus, for up to batch_wait_s,
-        requests already admitted but still decoding their upload; generate them as one batch; repeat.
-        A request with nobody behind it starts at once."""
+    def _serve(self) -> None:
+        """The model thread's life after loading: take in what arrived, run one scheduler step, repeat;
+        sleep on the inbox only when there is nothing to run."""
+        scheduler = self.scheduler
         while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                # Admitted requests not yet queued are on their way (decoding); worth a short wait.
-                on_the_way = self._pending - len(batch) - self._queue.qsize() > 0
-                remaining = deadline - time.monotonic() if on_the_way else 0
+            arrived = [] if scheduler.has_work else [self._inbox.get()]
+            while True:
                 try:
-                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    arrived.append(self._inbox.get_nowait())
                 except queue.Empty:
-                    if on_the_way and deadline > time.monotonic():
-                        continue
                     break
-                if job is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                batch.append(job)
-            self._run_batch([job for job in batch if not job.abandoned()])
-
-    def _run_batch(self, jobs: list["_Job"]) -> None:
-        if not jobs:
-            return
-        started = time.perf_counter()
-        for job in jobs:
-            job.started_at = started
-        self._running = len(jobs)  # only this thread writes; the loop only reads
-        try:
-            self.engine.generate_batch([job.request for job in jobs])
-        except Exception as error:  # a bug or device error: fail these requests, keep serving
-            logger.exception("generation failed for a batch of %d", len(jobs))
-            for job in jobs:
-                job.fail(error)
-        finally:
-            self._running = 0
+            for item in arrived:
+                if item is _STOP:
+                    return
+                scheduler.add(item)
+            try:
+                scheduler.step()
+            except Exception as error:  # a bug outside the engine calls: fail what it holds, keep the thread
+                logger.exception("scheduler step failed")
+                scheduler.fail_all(error)
 
     def begin_drain(self) -> None:
         if self.state in (ModelState.ready, ModelState.loading):
@@ -226,7 +210,7 @@ class Runner:
         return self._pending == 0
 
     def close(self) -> None:
-        self._queue.put(_STOP)
+        self._inbox.put(_STOP)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from PIL import Image
 
 from . import SERVICE_NAME, __version__
 from .access import note
 from .decoder import DecoderPool
 from .device import Placement, resolve_placement
-from .engine import Engine, GenerationResult, ServingDefaults
+from .engine import Engine, EngineLimits, GenerationResult, PromptTooLongError, ServingDefaults
 from .errors import DeadlineExceededError, InvalidRequestError, ServiceError
 from .guards import RepetitionGuard
 from .imaging import PreparedImage
 from .loader import ModelLoadError, load_model
 from .metrics import Metrics
-from .protocol import HealthResponse, InferMetadata, InferResponse, MetricsResponse, ServiceInfo, StepRow, TableData
+from .protocol import (HealthResponse, InferMetadata, InferResponse, KVCacheInfo, MetricsResponse, ServiceInfo, StepRow,
+                       TableData)
 from .requestid import current_request_id
 from .runner import ModelState, Runner, Ticket
-from .settings import Settings
+from .scheduler import generate
+from .sequence import Sequence
+from .settings import Settings, removed_settings_in
 from .stats import InferenceStats, gpu_memory_bytes, gpu_memory_gb
 from .table import TableNotFoundError, parse_table
 
@@ -33,6 +39,29 @@ class InferParams:
     prompt: str | None = None
     max_new_tokens: int | None = None
     page: int = 1
+
+
+def blank_diagram() -> Image.Image:
+    return Image.new("RGB", (256, 192), "white")
+
+
+def check_default_prompt(engine: Engine) -> None:
+    """A default prompt that every request would fail with is a load failure, with the reason in /health."""
+    prompt, source = engine.defaults.prompt, "the default prompt (PROMPT or the adapter's params.json)"
+    control = engine.control_tokens_in(prompt)
+    if control:
+        raise ModelLoadError(f"{source} contains the control token {control[0]}; the service inserts the image "
+                             "and chat turns itself")
+    try:
+        engine.prepare(blank_diagram(), prompt)
+    except PromptTooLongError as error:
+        raise ModelLoadError(f"{source} is too long: {error}") from None
+
+
+def warm_up(engine: Engine) -> GenerationResult:
+    """One short generation on a blank diagram-sized image, so the first request pays no setup."""
+    inputs = engine.prepare(blank_diagram(), engine.defaults.prompt)
+    return generate(engine, [Sequence(inputs, max_new_tokens=2)])[0]
 
 
 def build_response(text: str, metadata: InferMetadata) -> InferResponse:
@@ -56,7 +85,9 @@ class InferenceService:
 
     def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None):
         self.settings = settings
-        self.runner = Runner(settings.max_queue, settings.max_batch_size, settings.batch_wait_ms / 1000)
+        self.runner = Runner(settings.max_queue, settings.prefill_token_budget)
+        for warning in removed_settings_in(dict(os.environ)):
+            logger.warning(warning)
         # Tests inject a fake factory where HTTP behaviour, not the model, is the point.
         self.engine_factory = engine_factory or self.build_engine
         self.decoder = DecoderPool(settings.decode_workers)
@@ -64,27 +95,37 @@ class InferenceService:
         self.prometheus = Metrics()
         self.prometheus.queue_depth.set_function(lambda: self.runner.queue_depth)
         self.prometheus.in_flight.set_function(lambda: self.runner.in_flight)
+        self.prometheus.slots_in_use.set_function(lambda: self.runner.in_flight)
         self.prometheus.gpu_allocated.set_function(lambda: gpu_memory_bytes()[0])
         self.prometheus.gpu_reserved.set_function(lambda: gpu_memory_bytes()[1])
         self.placement: Placement | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     def build_engine(self) -> Engine:
-        """Blocking: load, merge, verify and warm up. Runs on the model thread."""
-        self.placement = resolve_placement(self.settings.device, self.settings.torch_dtype)
-        loaded = load_model(self.settings, self.placement)
+        """Blocking: load, merge, verify, allocate the KV slots, capture the decoding step, warm up. Runs on the
+        model thread; each phase shows in /health while it runs."""
+        settings, runner = self.settings, self.runner
+        runner.phase = "loading weights"
+        self.placement = resolve_placement(settings.device, settings.torch_dtype)
+        loaded = load_model(settings, self.placement)
         self.placement = loaded.placement  # quantization may have changed the precision
-        engine = Engine(loaded, ServingDefaults.from_sources(self.settings, loaded.params),
-                        repetition_guard=RepetitionGuard() if self.settings.repetition_guard else None,
-                        force_max_new_tokens=self.settings.force_max_new_tokens,
-                        torch_compile=self.settings.torch_compile)
-        control = engine.control_tokens_in(engine.defaults.prompt)
-        if control:
-            raise ModelLoadError(f"the default prompt (PROMPT or the adapter's params.json) contains the control "
-                                 f"token {control[0]}; the service inserts the image and chat turns itself")
-        if self.settings.warmup:
+        runner.phase = "allocating the KV cache"
+        rows = settings.max_batch_size or (32 if loaded.placement.device == "cuda" else 8)
+        engine = Engine(loaded, ServingDefaults.from_sources(settings, loaded.params),
+                        repetition_guard=RepetitionGuard() if settings.repetition_guard else None,
+                        force_max_new_tokens=settings.force_max_new_tokens,
+                        limits=EngineLimits(max_rows=rows, max_prompt_tokens=settings.max_prompt_tokens))
+        check_default_prompt(engine)
+        info = engine.cache_info()
+        logger.info("KV cache: %d slots x %d tokens, %.2f GiB", info["slots"], info["slot_tokens"],
+                    info["bytes"] / 2 ** 30)
+        if settings.cuda_graphs:
+            runner.phase = "capturing CUDA graphs"
+            engine.capture_graphs()
+        if settings.warmup:
+            runner.phase = "warm-up generation"
             started = time.perf_counter()
-            engine.warmup()
+            warm_up(engine)
             logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
         return engine
 
@@ -94,6 +135,7 @@ class InferenceService:
         if engine is not None:
             loaded = engine.loaded
             self.prometheus.model_load.set(self.runner.load_time_s or 0.0)
+            self.prometheus.slots.set(engine.max_rows)
             self.prometheus.model_info.labels(
                 loaded.model_id, loaded.adapter.path if loaded.adapter else "none", loaded.placement.device,
                 loaded.placement.dtype_name).set(1)
@@ -110,11 +152,11 @@ class InferenceService:
         deadline = started + self.settings.request_timeout_s
         try:
             prepared = await self._decode(data, engine, params.page, deadline)
-            # Tokens and image patches here, in parallel with the batch the model thread is running.
-            inputs = await asyncio.to_thread(engine.prepare, prepared.image, prompt)
+            # Tokens and image patches here, in parallel with the steps the model thread is running.
+            inputs = await asyncio.to_thread(self._prepare, engine, prepared.image, prompt)
             ready = time.perf_counter()
-            result, queue_s = await self.runner.generate(prepared.image, prompt, max_new_tokens, inputs=inputs,
-                                                         timeout_s=max(deadline - ready, 0.001))
+            result = await self.runner.generate(inputs, max_new_tokens, ticket,
+                                                timeout_s=max(deadline - ready, 0.001))
         except ServiceError as error:
             self.stats.failed_count += 1
             if isinstance(error, DeadlineExceededError):
@@ -122,8 +164,8 @@ class InferenceService:
             raise
         finished = time.perf_counter()
         self.stats.record_success(finished - started, result.prompt_tokens, result.completion_tokens)
-        metadata = self._metadata(engine, prepared, result, finished - started, queue_s,
-                                  (ready - started) + result.preprocess_time_s, max_new_tokens)
+        metadata = self._metadata(engine, prepared, result, finished - started, result.queue_time_s,
+                                  ready - started, max_new_tokens)
         self._observe(metadata, result)
         return build_response(result.text, metadata)
 
@@ -133,6 +175,9 @@ class InferenceService:
         metrics.preprocess.observe(metadata.preprocess_time)
         if result.first_token_time_s is not None:
             metrics.first_token.observe(result.first_token_time_s)
+            if result.completion_tokens > 1:
+                metrics.time_per_output_token.observe(
+                    (result.generation_time_s - result.first_token_time_s) / (result.completion_tokens - 1))
         metrics.generation.observe(result.generation_time_s)
         metrics.prompt_tokens.inc(result.prompt_tokens)
         metrics.image_tokens.inc(result.image_tokens)
@@ -142,6 +187,13 @@ class InferenceService:
         metrics.finish_reasons.labels(result.finish_reason).inc()
         note(image_size=metadata.image_size, prompt_tokens=result.prompt_tokens,
              completion_tokens=result.completion_tokens, finish_reason=result.finish_reason)
+
+    @staticmethod
+    def _prepare(engine: Engine, image, prompt: str):
+        try:
+            return engine.prepare(image, prompt)
+        except PromptTooLongError as error:
+            raise InvalidRequestError(str(error)) from None
 
     async def _decode(self, data: bytes, engine: Engine, page: int, deadline: float) -> PreparedImage:
         """Decode in a worker process, within the request's deadline."""
@@ -212,8 +264,11 @@ class InferenceService:
             dtype=placement.dtype_name if placement else None,
             model_load_time=round(runner.load_time_s, 3) if runner.load_time_s is not None else None,
             reason=runner.failure_reason,
+            phase=runner.phase,
             queue_depth=runner.queue_depth,
             in_flight=runner.in_flight,
+            kv_cache=KVCacheInfo(**engine.cache_info()) if engine is not None else None,
+            decode_mode=engine.decode_mode if engine is not None else None,
         )
 
     def json_metrics(self) -> MetricsResponse:

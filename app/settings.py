@@ -67,11 +67,17 @@ class Settings(BaseSettings):
     port: int = Field(8002, ge=1, le=65535)
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = Field(LogFormat.text, description="text for local runs; the container sets json")
-    max_queue: int = Field(8, ge=0, le=10_000, description="requests allowed to wait behind the running one")
-    max_batch_size: int = Field(8, ge=1, le=256, description="requests generated together in one batch")
-    batch_wait_ms: float = Field(200.0, ge=0, le=10_000,
-                                 description="how long a batch waits for admitted requests still decoding "
-                                             "their upload (a request with nobody behind it never waits)")
+    max_queue: int = Field(8, ge=0, le=10_000, description="requests allowed to wait for a KV slot")
+    max_batch_size: int | None = Field(None, ge=1, le=256,
+                                       description="KV-cache slots = requests decoded together; "
+                                                   "unset: 32 on CUDA, 8 elsewhere")
+    max_prompt_tokens: int = Field(1024, ge=64, le=16_384,
+                                   description="text tokens of a prompt (chat template included) besides the "
+                                               "image; sizes each KV slot, longer prompts get 400")
+    prefill_token_budget: int = Field(8192, ge=256, le=262_144,
+                                      description="padded prompt tokens prefilled together in one scheduler "
+                                                  "step, so running requests are not stalled for long")
+    cuda_graphs: bool = Field(True, description="replay the decoding step as CUDA graphs (CUDA only)")
     max_image_tokens: int = Field(1024, ge=4, le=16_384,
                                   description="vision-token budget per image (one token per 32x32 px)")
     max_decoded_pixels: int = Field(50_000_000, ge=10_000, description="decompression-bomb limit, in pixels")
@@ -81,8 +87,6 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, /infer requires it")
     metrics_require_key: bool = Field(False, description="also require API_KEY on /metrics")
-    torch_compile: bool = Field(False, description="static KV cache + torch.compile of the decoding step (CUDA); "
-                                                "on other devices only the static cache")
     force_max_new_tokens: bool = Field(False, description="benchmarks only: never stop before max_new_tokens")
     repetition_guard: bool = Field(True, description="stop generation that degenerates into repetition")
     warmup: bool = Field(True, description="run one generation before reporting ready")
@@ -110,6 +114,19 @@ class Settings(BaseSettings):
     def explicitly_set(self, name: str) -> bool:
         """True when the operator set this field (environment or constructor), not left it at its default."""
         return name in self.model_fields_set
+
+
+# Settings that existed once and no longer do anything; set in the environment, they get a warning at startup.
+REMOVED_SETTINGS = {
+    "BATCH_WAIT_MS": "requests join the running batch at the next decoding step, no wait is needed",
+    "TORCH_COMPILE": "the decoding step is replayed as CUDA graphs (CUDA_GRAPHS)",
+}
+
+
+def removed_settings_in(environ: dict[str, str]) -> list[str]:
+    """One warning line per removed setting found in ``environ``."""
+    return [f"{name} is no longer used: {why}" for name, why in REMOVED_SETTINGS.items()
+            if name in {key.upper() for key in environ}]
 
 
 class SettingsError(Exception):

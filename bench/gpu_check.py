@@ -1,22 +1,28 @@
-"""GPU figures for the engine on the full Qwen3-VL-2B architecture (random weights), bf16 on CUDA.
+"""The engine on the full Qwen3-VL-2B architecture (random weights): decoding speed and graph correctness.
 
-Single-stream time to first token and decode tokens/s, throughput at batch 1/8/32, peak GPU memory, and
-a 1024x768 diagram with 384 new tokens single-stream; eager, eager with QUANTIZATION=int8 (bitsandbytes,
-when installed) and with TORCH_COMPILE (static cache + torch.compile). Run by bench/gpu_check.sh on a lent GPU.
+Side by side in one run, one 1024x768 diagram per row, every row forced to the same token count:
+  hf-generate   the model's own generate() (DynamicCache, eager), as the service ran before the slot engine
+  eager         our slot engine, decoding step run module by module
+  cuda-graphs   our slot engine, decoding step replayed as CUDA graphs (CUDA only)
+and a check that the captured step's logits equal the eager step's at the same positions, up to many steps
+after capture (the graph must attend to keys written after it was captured).
+
+    python bench/gpu_check.py                                   # CUDA, full size (bench/gpu_check.sh)
+    python bench/gpu_check.py --device cpu --model tiny         # the logic, on the CPU (figures meaningless)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,67 +30,186 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor  # noqa: E402
 
 from app.device import Placement  # noqa: E402
-from app.engine import Engine, GenerationRequest, ServingDefaults  # noqa: E402
+from app.engine import Engine, EngineLimits, ServingDefaults  # noqa: E402
 from app.loader import LoadedModel  # noqa: E402
-from app.quantize import quantize_bitsandbytes  # noqa: E402
+from app.scheduler import generate  # noqa: E402
+from app.sequence import Sequence  # noqa: E402
+
+PROMPT = "Extract the table."
 
 
-def timed(engine: Engine, batch: int, new_tokens: int, image: Image.Image, mode: str) -> dict[str, float]:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+def diagram(width: int = 1024, height: int = 768) -> Image.Image:
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for box in range(6):
+        left = 40 + box * (width - 80) // 6
+        draw.rectangle((left, height // 3, left + 120, height // 3 + 80), outline="black", width=2)
+    return image
+
+
+def load(model_kind: str, device: str, dtype: torch.dtype) -> LoadedModel:
+    tokenizer, processor = tokenizer_and_processor()
+    if model_kind == "full":
+        model = build_model(build_config(FULL_SIZE_CONFIG, tokenizer), dtype=dtype)
+    else:
+        from app.demo import build_model as build_tiny
+
+        model = build_tiny(tokenizer).to(dtype)
+    model = model.to(device).eval()
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, processor, Placement(device, dtype), f"qwen3-vl-{model_kind}-random", None)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(engine: Engine, rows: int, new_tokens: int, image: Image.Image, mode: str) -> dict:
+    """``rows`` diagrams submitted at once, through the scheduler, each forced to ``new_tokens``."""
+    device = engine.model.device.type
+    sequences = [Sequence(engine.prepare(image, PROMPT), new_tokens) for _ in range(rows)]
+    sync(device)
     started = time.perf_counter()
-    results = engine.generate_batch([GenerationRequest(image, "Extract the table.", new_tokens) for _ in range(batch)])
-    torch.cuda.synchronize()
+    results = generate(engine, sequences)
+    sync(device)
     wall = time.perf_counter() - started
-    first = results[0].first_token_time_s or 0.0
-    generated = sum(r.completion_tokens for r in results)
-    return {"mode": mode, "batch": batch, "new_tokens": new_tokens, "wall_s": wall, "ttft_s": first,
-            "decode_tok_s_per_stream": (new_tokens - 1) / max(results[0].generation_time_s - first, 1e-9),
-            "generated_tok_s": generated / wall, "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+    decode = [(r.completion_tokens - 1) / max(r.generation_time_s - r.first_token_time_s, 1e-9) for r in results]
+    return {"mode": mode, "rows": rows, "new_tokens": new_tokens, "wall_s": wall,
+            "ttft_p50_s": statistics.median(r.first_token_time_s for r in results),
+            "decode_tok_s_per_stream": statistics.median(decode),
+            "total_tok_s": sum(r.completion_tokens for r in results) / wall}
+
+
+def run_hf_generate(loaded: LoadedModel, engine: Engine, new_tokens: int, image: Image.Image) -> dict:
+    """The old path: the model's own generate() for one diagram, forced to ``new_tokens``; a 1-token run
+    gives its time to first token, which the decode rate leaves out."""
+    device = loaded.placement.device
+    inputs = engine.collate([engine.prepare(image, PROMPT).tensors])
+
+    def timed(tokens: int) -> tuple[float, int]:
+        config = copy.deepcopy(loaded.model.generation_config)
+        config.do_sample, config.max_new_tokens, config.min_new_tokens = False, tokens, tokens
+        with torch.inference_mode():
+            sync(device)
+            started = time.perf_counter()
+            output = loaded.model.generate(**inputs, generation_config=config)
+            sync(device)
+        return time.perf_counter() - started, output.shape[1] - inputs["input_ids"].shape[1]
+
+    timed(2)  # warm
+    first_s, _ = timed(1)
+    wall, produced = timed(new_tokens)
+    return {"mode": "hf-generate", "rows": 1, "new_tokens": produced, "wall_s": wall, "ttft_p50_s": first_s,
+            "decode_tok_s_per_stream": (produced - 1) / max(wall - first_s, 1e-9), "total_tok_s": produced / wall}
+
+
+def graph_matches_eager(engine: Engine, image: Image.Image, steps: int, checkpoints: set[int]) -> list[dict]:
+    """Prefill 3 rows, advance them with the captured step, and at each checkpoint run that step twice from the
+    same state, replayed and eager: their logits must agree (bf16 tolerance)."""
+    step, replay = engine._step, engine._run_step
+    sequences = [Sequence(engine.prepare(image, f"{PROMPT} {i}"), steps + 8) for i in range(3)]
+    engine.prefill(sequences)
+    rows, report = len(sequences), []
+    for index in range(1, steps + 1):
+        if index not in checkpoints:
+            replay(rows)
+            continue
+        tokens, positions = step.tokens.clone(), step.positions.clone()
+        replay(rows)
+        replayed, after = step.logits[:rows].float().clone(), (step.tokens.clone(), step.positions.clone())
+        step.tokens.copy_(tokens)
+        step.positions.copy_(positions)
+        step(rows, int(positions[:rows].max()) + 1)  # eager, attention sliced to the rows' length
+        eager = step.logits[:rows].float()
+        step.tokens.copy_(after[0])
+        step.positions.copy_(after[1])
+        scale = eager.abs().max().item()
+        difference = (replayed - eager).abs().max().item()
+        agree = (replayed.argmax(-1) == eager.argmax(-1)).float().mean().item()
+        report.append({"step": index, "max_abs_diff": difference, "logit_scale": scale, "top1_agreement": agree,
+                       "ok": difference <= 0.02 * scale + 1e-3})
+    for sequence in sequences:
+        engine.free(sequence)
+    return report
+
+
+def print_rows(rows: list[dict]) -> None:
+    print("| " + " | ".join(rows[0]) + " |\n|" + "---:|" * len(rows[0]), flush=True)
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |",
+              flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--model", default="full", choices=["full", "tiny"])
+    parser.add_argument("--rows", default="1,8,32", help="concurrent diagrams for the graph runs")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--diagram-tokens", type=int, default=384, help="the single-stream diagram's length")
+    parser.add_argument("--eager-tokens", type=int, default=32, help="eager and hf-generate runs (slow)")
+    parser.add_argument("--check-steps", type=int, default=300)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "needs CUDA"
-    tokenizer, processor = tokenizer_and_processor()
-    model = build_model(build_config(FULL_SIZE_CONFIG, tokenizer), dtype=torch.bfloat16).to("cuda")
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    loaded = LoadedModel(model, processor, Placement("cuda", torch.bfloat16), "qwen3-vl-2b-random", None)
-    image = Image.new("RGB", (1024, 768), "white")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows: list[dict] = []
-    # Compiling is the slowest to warm up, so it runs last: if the device's time runs out, the rows already
-    # printed and written are kept.
-    for mode in ("eager", "int8_bitsandbytes", "torch_compile"):
-        target = loaded
-        if mode == "int8_bitsandbytes":
-            try:  # on a copy: the layers are replaced in place
-                target = dataclasses.replace(loaded, model=quantize_bitsandbytes(copy.deepcopy(model), "cuda"))
-            except ImportError:
-                print("bitsandbytes is not installed: no int8 rows", flush=True)
-                continue
-        defaults = ServingDefaults("Extract the table.", args.diagram_tokens, 1024)
-        engine = Engine(target, defaults, force_max_new_tokens=True, torch_compile=mode == "torch_compile")
-        for batch in [1] + [int(b) for b in args.batches.split(",")]:
-            engine.generate_batch([GenerationRequest(image, "warm up", 8) for _ in range(batch)])  # (re)compile
-        measured = [timed(engine, 1, args.diagram_tokens, image, mode)]  # the 1024x768 single-stream diagram
-        measured += [timed(engine, int(b), args.new_tokens, image, mode) for b in args.batches.split(",")]
-        for row in measured:
-            if not rows:
-                print("| " + " | ".join(row) + " |\n|" + "---:|" * len(row), flush=True)
-            print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |",
-                  flush=True)
-            rows.append(row)
+    device = args.device
+    assert device == "cpu" or torch.cuda.is_available(), "needs CUDA (or --device cpu)"
+    dtype = torch.bfloat16 if device == "cuda" or args.model == "full" else torch.float32
+    started = time.perf_counter()
+    loaded = load(args.model, device, dtype)
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"model built in {time.perf_counter() - started:.1f} s", flush=True)
+    image = diagram()
+    levels = [int(r) for r in args.rows.split(",")]
+    engine = Engine(loaded, ServingDefaults(PROMPT, max(args.diagram_tokens, args.new_tokens, args.check_steps + 8),
+                                            1024),
+                    repetition_guard=None, force_max_new_tokens=True, limits=EngineLimits(max_rows=max(levels)))
+    engine._step.keep_logits()
+    info = engine.cache_info()
+    print(f"KV cache: {info['slots']} slots x {info['slot_tokens']} tokens = {info['bytes'] / 2 ** 30:.2f} GiB",
+          flush=True)
+    results: dict = {"rows": []}
+    rows = results["rows"]
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
-        del engine, target
-        torch.cuda.empty_cache()
+            args.json.write_text(json.dumps(results, indent=2))
+
+    record(run_hf_generate(loaded, engine, args.eager_tokens, image))
+    run_engine(engine, 1, 2, image, "warm-up")
+    record(run_engine(engine, 1, args.eager_tokens, image, "eager"))
+    if device == "cuda":
+        captured = time.perf_counter()
+        engine.capture_graphs()
+        results["capture_s"] = time.perf_counter() - captured
+        print(f"decode mode: {engine.decode_mode}; capture took {results['capture_s']:.1f} s", flush=True)
+    # Without graphs this compares the whole-slot eager step with the length-sliced one: still a check.
+    checks = graph_matches_eager(engine, image, args.check_steps, {1, 2, 10, 100, args.check_steps})
+    results["graph_vs_eager"] = checks
+    print(f"{engine.decode_mode} step vs eager step, same state:", flush=True)
+    print_rows(checks)
+    if engine.decode_mode == "cuda-graphs":
+        run_engine(engine, 1, 2, image, "warm-up")
+        record(run_engine(engine, 1, args.eager_tokens, image, "cuda-graphs"))
+        record(run_engine(engine, 1, args.diagram_tokens, image, "cuda-graphs"))
+        for level in levels:
+            record(run_engine(engine, level, args.new_tokens, image, "cuda-graphs"))
+    print()
+    print_rows(rows)
+    by_mode = {(row["mode"], row["rows"], row["new_tokens"]): row for row in rows}
+    base = by_mode.get(("hf-generate", 1, args.eager_tokens))
+    for mode in ("eager", "cuda-graphs"):
+        ours = by_mode.get((mode, 1, args.eager_tokens))
+        if base and ours:
+            print(f"one stream, {args.eager_tokens} tokens: {mode} decodes "
+                  f"{ours['decode_tok_s_per_stream'] / base['decode_tok_s_per_stream']:.2f}x hf-generate "
+                  f"(wall {base['wall_s'] / ours['wall_s']:.2f}x)", flush=True)
+    verdict = all(check["ok"] for check in results["graph_vs_eager"])
+    print(f"{engine.decode_mode} vs eager logits within tolerance at every checkpoint: {verdict}", flush=True)
     return 0
 
 

@@ -7,8 +7,10 @@ token, decode tokens/s, diagrams/min and the service's peak RSS, then the ratios
     python bench/serve_bench.py --model tiny                       # the offline demo model (~2 min)
     python bench/serve_bench.py --model full --concurrency 1,4     # Qwen3-VL-2B dimensions, random weights
 
-"naive" = the seed: float16, one request at a time, no pixel budget. Every request is forced to exactly
---new-tokens tokens (FORCE_MAX_NEW_TOKENS) so runs are comparable.
+"naive" = the seed's configuration: float16, one request at a time, no pixel budget, decoding step run eagerly.
+"before" (with --baseline-ref REF) = the service as it was at git REF (e.g. the commit before a change),
+started from a temporary worktree with the "ours" settings: an A/B of two versions of the code in one run.
+Every request is forced to exactly --new-tokens tokens (FORCE_MAX_NEW_TOKENS) so runs are comparable.
 """
 
 from __future__ import annotations
@@ -35,13 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-OURS = {"TORCH_DTYPE": "auto", "MAX_BATCH_SIZE": "16", "MAX_IMAGE_TOKENS": "1024"}
+OURS = {"TORCH_DTYPE": "auto", "MAX_IMAGE_TOKENS": "1024"}  # MAX_BATCH_SIZE: the largest concurrency measured
 CONFIGS = {
-    # The service's defaults, with batches as large as the largest concurrency measured.
     "ours": OURS,
     # The same with the opt-in int8 weights for decoding (QUANTIZATION=int8).
     "ours-int8": {**OURS, "QUANTIZATION": "int8"},
-    "naive": {"TORCH_DTYPE": "float16", "MAX_BATCH_SIZE": "1", "BATCH_WAIT_MS": "0", "MAX_IMAGE_TOKENS": "16384"},
+    "naive": {"TORCH_DTYPE": "float16", "MAX_BATCH_SIZE": "1", "MAX_IMAGE_TOKENS": "16384", "CUDA_GRAPHS": "false"},
 }
 
 
@@ -78,14 +79,15 @@ def peak_rss_mb(pid: int) -> float:
 
 
 class Service:
-    def __init__(self, model_env: dict[str, str], config_env: dict[str, str], new_tokens: int, log: Path):
+    def __init__(self, model_env: dict[str, str], config_env: dict[str, str], new_tokens: int, log: Path,
+                 tree: Path = ROOT):
         self.port = free_port()
         env = {**os.environ, **model_env, **config_env, "HOST": "127.0.0.1", "PORT": str(self.port),
                "DEVICE": os.environ.get("BENCH_DEVICE", "cpu"), "MAX_NEW_TOKENS": str(new_tokens),
                "FORCE_MAX_NEW_TOKENS": "true", "MAX_QUEUE": "64", "REQUEST_TIMEOUT_S": "7200",
                "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
         self.log = log.open("w")
-        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=self.log,
+        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=tree, env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -180,6 +182,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="default: tiny 64, full 128")
     parser.add_argument("--image", default="1024x768")
     parser.add_argument("--configs", default="ours,naive", help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--naive-concurrency", default=None, help="levels for naive (default: --concurrency)")
+    parser.add_argument("--baseline-ref", default=None, help="also run the service as of this git ref ('before')")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     per_client = args.requests_per_client or (6 if args.model == "tiny" else 1)
@@ -188,17 +192,27 @@ def main() -> int:
     png = diagram(width, height)
     model_env = tiny_model_env() if args.model == "tiny" else full_model_env()
     levels = [int(c) for c in args.concurrency.split(",")]
+    naive_levels = [int(c) for c in (args.naive_concurrency or args.concurrency).split(",")]
+    ours = {**OURS, "MAX_BATCH_SIZE": str(max(levels))}
+    configs = {name: ({**CONFIGS[name], "MAX_BATCH_SIZE": str(max(levels))} if name.startswith("ours")
+                      else CONFIGS[name], ROOT, naive_levels if name == "naive" else levels)
+               for name in args.configs.split(",")}
+    if args.baseline_ref:
+        worktree = Path(tempfile.mkdtemp(prefix="vlm-bench-before-")) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.baseline_ref],
+                       check=True, capture_output=True)
+        configs = {"before": (ours, worktree, levels), **configs}
     print(f"model={args.model} image={width}x{height} new_tokens={new_tokens} machine={platform.machine()} "
           f"cpus={os.cpu_count()} python={platform.python_version()}", flush=True)
     results: dict[str, dict[int, dict[str, float]]] = {}
     logs = Path(tempfile.mkdtemp(prefix="vlm-bench-logs-"))
-    for name in args.configs.split(","):
-        service = Service(model_env, CONFIGS[name], new_tokens, logs / f"{name}.log")
+    for name, (config, tree, config_levels) in configs.items():
+        service = Service(model_env, config, new_tokens, logs / f"{name}.log", tree)
         try:
             service.wait_ready()
             drive(service.base, png, 1, 1)  # warm caches outside the measurement
             results[name] = {}
-            for concurrency in levels:
+            for concurrency in config_levels:
                 figures = drive(service.base, png, concurrency, concurrency * per_client)
                 figures["peak_rss_mb"] = peak_rss_mb(service.process.pid)
                 results[name][concurrency] = figures
@@ -206,22 +220,26 @@ def main() -> int:
                       flush=True)
         finally:
             service.stop()
+    if args.baseline_ref:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
     columns = ["p50_s", "p95_s", "ttft_s", "decode_tok_s", "diagrams_per_min", "peak_rss_mb"]
     print(f"\n| config | concurrency | {' | '.join(columns)} |")
     print("|---|---:|" + "---:|" * len(columns))
     for name, by_level in results.items():
         for concurrency, figures in by_level.items():
             print(f"| {name} | {concurrency} | " + " | ".join(f"{figures[c]:.3f}" for c in columns) + " |")
-    for name in [name for name in results if name != "naive" and "naive" in results]:
-        print(f"\n| concurrency | throughput {name}/naive | p50 latency naive/{name} | p95 latency naive/{name} |")
-        print("|---:|---:|---:|---:|")
-        for concurrency in levels:
-            ours, naive = results[name][concurrency], results["naive"][concurrency]
-            print(f"| {concurrency} | {ours['diagrams_per_min'] / naive['diagrams_per_min']:.2f}x "
-                  f"| {naive['p50_s'] / ours['p50_s']:.2f}x | {naive['p95_s'] / ours['p95_s']:.2f}x |")
+    for base in ("naive", "before"):
+        for name in [name for name in results if name.startswith("ours") and base in results]:
+            print(f"\n| concurrency | throughput {name}/{base} | p50 latency {base}/{name} "
+                  f"| p95 latency {base}/{name} |")
+            print("|---:|---:|---:|---:|")
+            for concurrency in [level for level in levels if level in results[base]]:
+                mine, theirs = results[name][concurrency], results[base][concurrency]
+                print(f"| {concurrency} | {mine['diagrams_per_min'] / theirs['diagrams_per_min']:.2f}x "
+                      f"| {theirs['p50_s'] / mine['p50_s']:.2f}x | {theirs['p95_s'] / mine['p95_s']:.2f}x |")
     for name, by_level in results.items():
         top = levels[-1]
-        if name != "naive" and 1 in by_level and top != 1:
+        if name.startswith("ours") and 1 in by_level and top != 1:
             print(f"{name}: throughput at concurrency {top} vs its own concurrency 1: "
                   f"{by_level[top]['diagrams_per_min'] / by_level[1]['diagrams_per_min']:.2f}x")
     if args.json:

@@ -10,8 +10,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from app.device import Placement
-from app.engine import GenerationResult, ServingDefaults
+from app.engine import ServingDefaults
 from app.imaging import VisionGeometry
+from app.sequence import PreparedInputs, StopRules
 
 TABLE = "| № | Наименование действия | Роль |\n|---|---|---|\n| 1 | Принять заявку | Менеджер |"
 
@@ -31,41 +32,60 @@ def diagram_png(width: int = 320, height: int = 240, mode: str = "RGB", fmt: str
 
 
 class FakeEngine:
-    """Stands in for the model where HTTP behaviour is the point. Sleeps in steps, honouring cancel."""
+    """Stands in for the model where HTTP behaviour is the point: the engine's four scheduler calls, with each
+    sequence taking ``generate_s`` of decoding steps (at least ``step_s`` each) and then ending its turn."""
 
-    def __init__(self, generate_s: float = 0.0, text: str = TABLE):
+    EOS, FILLER = 1, 2
+
+    def __init__(self, generate_s: float = 0.0, text: str = TABLE, max_rows: int = 8, step_s: float = 0.01):
         self.generate_s = generate_s
         self.text = text
-        self.calls = 0
-        self.batch_sizes: list[int] = []
+        self.step_s = step_s
+        self.max_rows = max_rows
+        self.rows_per_step: list[int] = []  # how many sequences each decoding step advanced
+        self.prefills = 0
+        self.occupants: list = []
+        self.stop_rules = StopRules(frozenset({self.EOS}), repetition_guard=None)
+        self.decode_mode = "eager"
         self.geometry = VisionGeometry(factor=32, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
         self.defaults = ServingDefaults(prompt="prompt", max_new_tokens=16, max_image_tokens=64)
         self.loaded = SimpleNamespace(model_id="fake-model", adapter=None,
                                       placement=Placement("cpu", torch.float32))
 
+    @property
+    def slots_in_use(self) -> int:
+        return len(self.occupants)
+
+    def cache_info(self) -> dict:
+        return {"slots": self.max_rows, "slot_tokens": 100, "bytes": 0, "slots_in_use": len(self.occupants)}
+
     def control_tokens_in(self, prompt: str) -> list[str]:
         return [token for token in ("<|image_pad|>",) if token in prompt]
 
-    def prepare(self, image, prompt) -> None:
-        """Nothing to prepare: generate_batch below ignores model inputs."""
+    def prepare(self, image, prompt) -> PreparedInputs:
+        return PreparedInputs({}, prompt_tokens=10, image_tokens=4)
 
-    def generate_batch(self, requests) -> list[GenerationResult]:
-        """Every row takes ``generate_s``, all rows at once; a cancelled row ends at its next step."""
-        self.calls += 1
-        self.batch_sizes.append(len(requests))
-        started = time.perf_counter()
-        pending = list(requests)
-        while pending:
-            elapsed = time.perf_counter() - started
-            for request in list(pending):
-                if request.cancel.is_set() or elapsed >= self.generate_s:
-                    reason = "cancelled" if request.cancel.is_set() else "stop"
-                    request.result = GenerationResult(self.text if reason == "stop" else "", 10, 5, 4, reason,
-                                                      0.0, elapsed, 0.0)
-                    request.on_done(request.result)
-                    pending.remove(request)
-            time.sleep(0.01)
-        return [request.result for request in requests]
+    def prefill(self, sequences) -> list[int]:
+        self.prefills += 1
+        self.occupants.extend(sequences)
+        return [self.FILLER for _ in sequences]
+
+    def decode(self, sequences) -> list[int]:
+        """Steps of generate_s / 8 (so the answer comes within max_new_tokens), ``step_s`` at least."""
+        time.sleep(max(self.step_s, self.generate_s / 8))
+        self.rows_per_step.append(len(sequences))
+        now = time.perf_counter()
+        return [self.EOS if now - sequence.started_at >= self.generate_s else self.FILLER for sequence in sequences]
+
+    def free(self, sequence) -> None:
+        if sequence in self.occupants:
+            self.occupants.remove(sequence)
+
+    def release_all(self) -> None:
+        self.occupants.clear()
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.text if tokens and tokens[-1] == self.EOS else ""
 
 
 def fake_factory(engine: FakeEngine | None = None, load_s: float = 0.0, error: Exception | None = None):

@@ -29,12 +29,13 @@ def test_slow_load_reports_loading_then_healthy():
         first = client.get("/health")
         assert first.status_code == 503
         assert first.json()["status"] == "loading"
-        assert first.json()["error"]["type"] == "not_ready"
+        assert first.json()["error"]["type"] == "not_ready" and first.json()["phase"]
         refused = post_png(client)
         assert refused.status_code == 503 and "Retry-After" in refused.headers
         wait_for_status(client, "healthy")
         ready = client.get("/health")
         assert ready.status_code == 200 and ready.json()["model_loaded"] is True
+        assert ready.json()["phase"] is None and ready.json()["kv_cache"]["slots"] == 8
 
 
 def test_failed_load_reports_failed_with_one_line_reason():
@@ -67,8 +68,8 @@ def test_health_answers_fast_while_generation_runs():
 
 
 def test_queue_full_is_refused_at_once_with_retry_after():
-    engine = FakeEngine(generate_s=2.0)
-    with make_client(engine=engine, max_queue=0, max_batch_size=1) as client:
+    engine = FakeEngine(generate_s=2.0, max_rows=1)
+    with make_client(engine=engine, max_queue=0) as client:
         wait_for_status(client, "healthy")
         worker = threading.Thread(target=lambda: post_png(client))
         worker.start()

@@ -54,6 +54,9 @@ def test_counters_and_histograms_move_after_infer(client):
     info = [k for k, v in after.items() if k.startswith("vlm_model_info{") and v == 1]
     assert len(info) == 1 and 'device="cpu"' in info[0] and 'dtype="float32"' in info[0]
     assert "process_resident_memory_bytes" in after and "vlm_queue_depth" in after
+    per_token = "vlm_time_per_output_token_seconds_count"
+    assert after[per_token] == before[per_token] + (1 if generated > 1 else 0)
+    assert after["vlm_kv_slots"] == 8 and after["vlm_kv_slots_in_use"] == 0  # the CPU default, all free again
 
 
 def test_health_and_metrics_are_not_inference_traffic(client):

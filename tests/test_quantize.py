@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app.device import Placement, resolve_placement
-from app.engine import Engine, GenerationRequest, ServingDefaults
+from app.engine import Engine, ServingDefaults
 from app.loader import ModelLoadError, load_model, quantize
 from app.quantize import DECODE_ROWS_MAX, Int8DecodeLinear, quantize_bitsandbytes
+from app.scheduler import generate
+from app.sequence import Sequence
 
 from .helpers import diagram_png
 
@@ -52,13 +54,15 @@ def test_int8_on_cpu_quantizes_the_language_model_only(tiny_settings):
                if "Linear" in type(m).__name__)  # the vision encoder keeps its precision
     image = Image.open(io.BytesIO(diagram_png())).convert("RGB")
     engine = Engine(loaded, ServingDefaults("Describe.", 8, 64), force_max_new_tokens=True)
-    single = engine.generate(image, "Describe.", 8)
+    single = generate(engine, [Sequence(engine.prepare(image, "Describe."), 8)])[0]
     assert single.completion_tokens == 8
     # A batch of 6 decodes 6 rows per step, past DECODE_ROWS_MAX: the original weights, so the same tokens as
     # the unquantized model.
     plain = Engine(load(tiny_settings()), ServingDefaults("Describe.", 8, 64), force_max_new_tokens=True)
-    quantized_texts = [r.text for r in engine.generate_batch([GenerationRequest(image, "Describe.", 8)] * 6)]
-    plain_texts = [r.text for r in plain.generate_batch([GenerationRequest(image, "Describe.", 8)] * 6)]
+    def six(target: Engine) -> list[str]:
+        return [r.text for r in generate(target, [Sequence(target.prepare(image, "Describe."), 8) for _ in range(6)])]
+
+    quantized_texts, plain_texts = six(engine), six(plain)
     assert quantized_texts == plain_texts
 
 

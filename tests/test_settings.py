@@ -87,3 +87,13 @@ def test_small_models_stay_in_float32_on_the_cpu():
     expected_large = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert resolve_dtype("cpu", TorchDType.auto, parameters=2_000_000_000) == (expected_large, [])
     assert resolve_dtype("cpu", TorchDType.bfloat16, parameters=250_000)[0] == torch.bfloat16  # explicit wins
+
+
+def test_removed_settings_are_named_with_what_replaced_them():
+    from app.settings import removed_settings_in
+
+    warnings = removed_settings_in({"torch_compile": "true", "BATCH_WAIT_MS": "50", "MAX_QUEUE": "4"})
+    assert len(warnings) == 2
+    assert any(w.startswith("BATCH_WAIT_MS is no longer used") for w in warnings)
+    assert any("TORCH_COMPILE" in w and "CUDA graphs" in w for w in warnings)
+    assert removed_settings_in({"MAX_QUEUE": "4"}) == []
