@@ -41,6 +41,10 @@ class PayloadTooLargeError(ServiceError):
     status_code, error_type = 413, "payload_too_large"
 
 
+class UploadTimeoutError(ServiceError):
+    status_code, error_type = 408, "upload_timeout"
+
+
 class UnsupportedMediaError(ServiceError):
     status_code, error_type = 415, "unsupported_media_type"
 

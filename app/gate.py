@@ -1,19 +1,28 @@
-"""Everything decided about an /infer request before its body is read: key, size, admission.
+"""Everything decided about an /infer request at the door: key, size, the upload itself, then admission.
 
-Pure ASGI, so a refused request costs no body bytes, and the size limit holds for chunked uploads too.
+Pure ASGI. The body is read here, whole and within ``UPLOAD_TIMEOUT_S``, in a bounded number of upload places
+that are not generation places: a client that trickles its upload holds only its own upload place, and a
+request is admitted to the model (and refused when it is full) only once its body is in. Refusals made before
+the body is read keep the connection open, so the server reads and discards the rest of the body and the
+answer reaches the client instead of a connection reset; only bodies past the upload limit and stalled
+uploads are cut off with ``Connection: close``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
 from typing import Any, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .access import INFERENCE_PATH
+from .access import INFERENCE_PATH, note
 from .envelope import error_response
-from .errors import PayloadTooLargeError, ServiceError, UnauthorizedError
+from .errors import (ClientClosedError, OverloadedError, PayloadTooLargeError, ServiceError, UnauthorizedError,
+                     UploadTimeoutError)
+from .runner import RETRY_AFTER_BUSY_S
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +40,7 @@ class InferGate:
     def __init__(self, app: ASGIApp, service_getter: Callable[[], Any]):
         self.app = app
         self.service_getter = service_getter
+        self.uploads = 0  # bodies being read now (event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -51,49 +61,77 @@ class InferGate:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise PayloadTooLargeError(_too_large(settings.max_upload_mb))
+            service.runner.check_ready()  # loading or draining: no point in taking the upload
+            if self.uploads >= settings.max_uploads:
+                raise OverloadedError(f"{self.uploads} uploads in progress; retry shortly",
+                                      headers={"Retry-After": str(RETRY_AFTER_BUSY_S)})
+            body = await self._read_body(receive, limit, settings)
             ticket = service.runner.admit()
+        except ClientClosedError:
+            logger.info("client disconnected during the upload")
+            note(status=ClientClosedError.status_code, error_type=ClientClosedError.error_type)
+            return
         except ServiceError as error:
             if error.status_code == 503:
                 service.stats.rejected_count += 1
+            note(error_type=error.error_type)
             await _refuse(error, scope, receive, send)
             return
         scope.setdefault("state", {})["ticket"] = ticket
-        received = 0
-        too_large = False
-
-        async def counting_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    # Stop feeding the parser; the response below replaces whatever the app says.
-                    too_large = True
-                    return {"type": "http.disconnect"}
-            return message
-
-        response_started = False
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal response_started
-            if too_large:
-                return
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, _replay(body, receive), send)
         finally:
             ticket.release()
-        if too_large and not response_started:
-            await _refuse(PayloadTooLargeError(_too_large(settings.max_upload_mb)), scope, receive, send)
+
+    async def _read_body(self, receive: Receive, limit: int, settings: Any) -> bytes:
+        """The whole body, within UPLOAD_TIMEOUT_S and MAX_UPLOAD_MB, holding one upload place meanwhile."""
+        self.uploads += 1
+        chunks: list[bytes] = []
+        received = 0
+        deadline = time.monotonic() + settings.upload_timeout_s
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    message = await asyncio.wait_for(receive(), remaining if remaining > 0 else 0.001)
+                except asyncio.TimeoutError:
+                    raise UploadTimeoutError(
+                        f"the upload did not arrive within UPLOAD_TIMEOUT_S={settings.upload_timeout_s:g} s "
+                        f"({received} bytes received)") from None
+                if message["type"] == "http.disconnect":
+                    raise ClientClosedError("client disconnected during the upload")
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLargeError(_too_large(settings.max_upload_mb))
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        finally:
+            self.uploads -= 1
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The app's receive: the body read at the door, then whatever the client sends next (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _refuse(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer without reading the request body, and close the connection: the unread body makes it
-    unusable for a next request (RFC 9112, 9.6), and saying so keeps clients from reusing it."""
+    """Answer with the envelope. A body past the limit or a stalled upload also closes the connection: it
+    would never finish arriving. Any other refusal leaves it open, and the server discards the unread body
+    instead of resetting the connection with it (which loses the answer on the way)."""
     response = error_response(error)
-    response.headers["Connection"] = "close"
+    if isinstance(error, (PayloadTooLargeError, UploadTimeoutError)):
+        response.headers["Connection"] = "close"
     await response(scope, receive, send)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -67,8 +68,13 @@ def _check_pixels(width: int, height: int, max_decoded_pixels: int) -> None:
             f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_decoded_pixels}; "
             "send a smaller export"
         )
+    _check_aspect(width, height, "the image")
+
+
+def _check_aspect(width: float, height: float, what: str) -> None:
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise InvalidImageError(f"the image is {width}x{height}: aspect ratio over {MAX_ASPECT_RATIO}:1")
+        raise InvalidImageError(f"{what} is {width:g}x{height:g}: aspect ratio over {MAX_ASPECT_RATIO}:1, which the "
+                                "model cannot take; crop it or split it into parts")
 
 
 def _decode_raster(data: bytes, fmt: str, max_decoded_pixels: int) -> Image.Image:
@@ -108,6 +114,7 @@ def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pi
             width_pt, height_pt = pdf_page.get_size()
             if width_pt <= 0 or height_pt <= 0:
                 raise InvalidImageError("the PDF page has no area")
+            _check_aspect(round(width_pt), round(height_pt), f"PDF page {page} (in points)")
             # Render straight at the resolution the model will see, never bigger than the decode limit.
             budget = min(geometry.max_pixels, max_decoded_pixels)
             scale = min(_PDF_MAX_SCALE, math.sqrt(budget / (width_pt * height_pt)))
@@ -120,19 +127,25 @@ def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pi
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB, with transparency composited onto white (diagrams stay visible)."""
+    """Any Pillow mode -> 8-bit RGB, with transparency composited onto white (diagrams stay visible).
+
+    Memory stays near the image's own size: integer arithmetic in place for 16-bit samples (no float64 copy
+    of a 7000x7000 scan), and the alpha channel used as a paste mask instead of full RGBA composites."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if values.max(initial=0) > 255:  # 16-bit samples
-            values = values / 257.0
-        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+        values = np.array(image)  # one writable copy; everything below works in place
+        sixteen_bit = values.dtype.kind != "f" and values.max(initial=0) > 255
+        np.clip(values, 0, 65535 if sixteen_bit else 255, out=values)
+        if sixteen_bit:
+            values >>= 8
+        image = Image.fromarray(values.astype(np.uint8), mode="L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info
     )
     if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return background
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -167,13 +180,27 @@ def prepare_image(data: bytes, geometry: VisionGeometry, *, page: int = 1,
             raise InvalidRequestError(f"page={page} applies to PDF uploads only; this file is {fmt}")
         image = _decode_raster(data, fmt, max_decoded_pixels)
     received = image.size
-    image = to_rgb(image)
     size = model_size(*received, geometry)
-    if size != received:
+    # Fitting the sides to the patch grid can push a thin image past the limit (47x6425 becomes 32x6432).
+    _check_aspect(*size, f"the image as fitted to the model's {geometry.factor}-px grid")
+    if image.mode in ("RGBA", "LA") and size != received:
+        # Pillow resamples these with premultiplied alpha, so compositing the model-sized image is the same
+        # picture for a fraction of the memory.
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    image = to_rgb(image)
+    if image.size != size:
         image = image.resize(size, Image.Resampling.BICUBIC)
     return PreparedImage(image, fmt, received, size)
 
 
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_CLASS_REPR = re.compile(r"<class '([\w.]+)'>")
+
+
 def _one_line(error: BaseException) -> str:
+    """A decoder's message for the client: first line, no object addresses or class reprs."""
     text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = _OBJECT_REPR.sub("the file", text[0])
+    return _CLASS_REPR.sub(lambda match: match.group(1).rsplit(".", 1)[-1], line)[:200]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime, timezone
 
 from .requestid import install_log_record_factory
@@ -31,16 +32,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# C0 controls (CR, LF, ESC for ANSI sequences, ...) and DEL: in a text log they would start forged lines or
+# rewrite the terminal. A request path or header can carry them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line; a traceback, appended after this by format(), keeps its own lines.
+        line = escape_controls(super().formatMessage(record))
         access = getattr(record, "access", None)
         if access:
             extras = {k: v for k, v in access.items() if k not in ("method", "path", "status", "duration_s")}
-            line += "".join(f" {k}={v}" for k, v in extras.items())
+            line += escape_controls("".join(f" {k}={v}" for k, v in extras.items()))
         return line
 
 

@@ -16,6 +16,7 @@ from .docs import install_docs
 from .envelope import install_error_handlers
 from .gate import InferGate
 from .requestid import RequestIdMiddleware, install_log_record_factory
+from .runner import ABORT_FLUSH_S, shutdown_error
 from .serving import InferenceService
 from .settings import Settings, load_settings
 
@@ -37,8 +38,10 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
         finally:
             service.runner.begin_drain()
             if not await service.runner.wait_idle(settings.shutdown_grace_s):
-                logger.warning("shutdown grace period (%.0f s) over with requests still running",
+                logger.warning("shutdown grace period (%.0f s) over with requests still running: answering them 503",
                                settings.shutdown_grace_s)
+                service.runner.abort(shutdown_error())
+                await service.runner.wait_idle(ABORT_FLUSH_S)
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading

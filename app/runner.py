@@ -19,6 +19,7 @@ from .sequence import GenerationResult, PreparedInputs, Sequence
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_BUSY_S = 2
+ABORT_FLUSH_S = 1.0  # after answering the unfinished requests 503 at shutdown, time for those answers to go out
 
 
 class ModelState(str, Enum):
@@ -76,6 +77,12 @@ def _hand_over(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: 
 _STOP = object()
 
 
+def shutdown_error() -> NotReadyError:
+    """What requests still unfinished at the end of the shutdown grace period are answered."""
+    return NotReadyError("the service shut down before this request finished; retry on another instance",
+                         headers={"Retry-After": "5"})
+
+
 class Runner:
     """Runs the model on a single dedicated thread, behind a bounded admission count.
 
@@ -97,6 +104,8 @@ class Runner:
         self._pending = 0  # admitted and not answered (event loop only)
         self._waiting = 0  # admitted and without a KV slot yet
         self._lock = threading.Lock()  # _waiting changes on both threads
+        self._answers: set[asyncio.Future] = set()  # requests waiting for the model thread's answer
+        self._abort_error: BaseException | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     @property
@@ -143,11 +152,15 @@ class Runner:
             self.state = ModelState.ready
         logger.info("model ready in %.2f s", self.load_time_s)
 
-    def admit(self) -> Ticket:
-        """Reserve a place or raise at once (503 with Retry-After): not ready, draining, or queue full."""
+    def check_ready(self) -> None:
+        """Raise NotReadyError (503 with Retry-After) unless the model is ready for work."""
         if self.state != ModelState.ready:
             message, retry_after_s = _NOT_READY[self.state]
             raise NotReadyError(message, headers={"Retry-After": str(retry_after_s)})
+
+    def admit(self) -> Ticket:
+        """Reserve a place or raise at once (503 with Retry-After): not ready, draining, or queue full."""
+        self.check_ready()
         if self._pending >= self.max_queue + self.engine.max_rows:
             raise OverloadedError(
                 f"too many requests in flight ({self._pending}); retry shortly",
@@ -162,11 +175,15 @@ class Runner:
                        timeout_s: float | None = None) -> GenerationResult:
         """Queue one sequence for the model thread and wait for its result. Past ``timeout_s``, or if the
         caller is cancelled (client disconnect), its cancel flag is set: it leaves its slot at the next step."""
+        if self._abort_error is not None:
+            raise self._abort_error
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         sequence = Sequence(inputs, max_new_tokens, on_start=ticket.started,
                             on_done=lambda result: _hand_over(loop, future, result, None),
                             on_error=lambda error: _hand_over(loop, future, None, error))
+        future.sequence = sequence  # for abort()
+        self._answers.add(future)
         self._inbox.put(sequence)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -176,6 +193,8 @@ class Runner:
         except asyncio.CancelledError:
             sequence.cancel.set()
             raise
+        finally:
+            self._answers.discard(future)
 
     def _serve(self) -> None:
         """The model thread's life after loading: take in what arrived, run one scheduler step, repeat;
@@ -201,6 +220,15 @@ class Runner:
     def begin_drain(self) -> None:
         if self.state in (ModelState.ready, ModelState.loading):
             self.state = ModelState.draining
+
+    def abort(self, error: BaseException) -> None:
+        """End of the shutdown grace: every request still waiting for the model gets ``error`` now (and so do
+        those that reach it later), and its generation stops at the next step. Runs on the event loop."""
+        self.begin_drain()
+        self._abort_error = error
+        for future in list(self._answers):
+            future.sequence.cancel.set()
+            _settle(future, None, error)
 
     async def wait_idle(self, grace_s: float) -> bool:
         """Wait until no admitted request is left, up to ``grace_s``; True when idle."""

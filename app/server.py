@@ -2,16 +2,64 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .runner import ABORT_FLUSH_S, shutdown_error
 from .serving import InferenceService
 
 logger = logging.getLogger(__name__)
+
+
+def header_timeout_protocol(timeout_s: float) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol, plus a deadline for each request's headers: a connection that opens and sends
+    nothing, or trickles its headers, is closed after ``timeout_s`` instead of holding a socket forever."""
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                logger.info("closing a connection that sent no complete request headers within %.0f s", timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            self._disarm()  # from here uvicorn's keep-alive timeout watches the idle connection
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 class DrainingServer(uvicorn.Server):
@@ -22,6 +70,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service = service
         self._drain_deadline: float | None = None
+        self._aborted_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_deadline is not None:
@@ -36,16 +85,21 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_deadline is not None and not self.should_exit:
-            idle = self.service.runner.pending == 0
-            if idle or time.monotonic() >= self._drain_deadline:
-                if not idle:
-                    logger.warning("grace period over with %d request(s) unfinished", self.service.runner.pending)
+            runner = self.service.runner
+            now = time.monotonic()
+            if runner.pending == 0 or (self._aborted_at is not None and now >= self._aborted_at + ABORT_FLUSH_S):
                 self.should_exit = True
+            elif self._aborted_at is None and now >= self._drain_deadline:
+                logger.warning("grace period over with %d request(s) unfinished: answering them 503", runner.pending)
+                runner.abort(shutdown_error())
+                self._aborted_at = now
         return await super().on_tick(counter)
 
 
 def serve(service: InferenceService, app) -> None:
     settings = service.settings
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_config=None,
+                            http=header_timeout_protocol(settings.header_timeout_s),
+                            timeout_keep_alive=settings.header_timeout_s,
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
     DrainingServer(config, service).run()

@@ -90,7 +90,7 @@ class InferenceService:
             logger.warning(warning)
         # Tests inject a fake factory where HTTP behaviour, not the model, is the point.
         self.engine_factory = engine_factory or self.build_engine
-        self.decoder = DecoderPool(settings.decode_workers)
+        self.decoder = DecoderPool(settings.decode_workers, decode_timeout_s=settings.decode_timeout_s)
         self.stats = InferenceStats()
         self.prometheus = Metrics()
         self.prometheus.queue_depth.set_function(lambda: self.runner.queue_depth)
@@ -161,6 +161,9 @@ class InferenceService:
             self.stats.failed_count += 1
             if isinstance(error, DeadlineExceededError):
                 self.prometheus.finish_reasons.labels("timeout").inc()
+            raise
+        except asyncio.CancelledError:  # the client went away: its generation stops at the next step
+            self.prometheus.finish_reasons.labels("cancelled").inc()
             raise
         finished = time.perf_counter()
         self.stats.record_success(finished - started, result.prompt_tokens, result.completion_tokens)

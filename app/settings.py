@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     max_decoded_pixels: int = Field(50_000_000, ge=10_000, description="decompression-bomb limit, in pixels")
     decode_workers: int = Field(2, ge=1, le=64, description="processes that decode uploads")
     max_upload_mb: float = Field(20.0, gt=0, le=1024, description="largest accepted upload body, in MiB")
+    upload_timeout_s: float = Field(60.0, gt=0, description="a request body must arrive in full within this")
+    max_uploads: int = Field(32, ge=1, le=10_000,
+                             description="request bodies being received at once (beyond: 503); they hold no "
+                                         "generation place, and at most MAX_UPLOADS x MAX_UPLOAD_MB of memory")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's headers within "
+                                                            "this, and idle keep-alive connections close after it")
+    decode_timeout_s: float = Field(5.0, gt=0, description="longest a file may take to decode; past it: 400 and "
+                                                           "its decoder worker is replaced")
     request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline, queue wait included")
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, /infer requires it")

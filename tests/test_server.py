@@ -105,7 +105,8 @@ def test_streamed_body_over_the_limit_is_cut_off_early(tiny_model_dir):
                         break
             sock.settimeout(10)
             with contextlib.suppress(OSError):
-                answer = sock.recv(65536)
+                while chunk := sock.recv(65536):  # head and body may come in separate segments
+                    answer += chunk
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b"payload_too_large" in answer
         assert sent < 16 * 1024 * 1024
@@ -153,7 +154,8 @@ def test_burst_is_answered_or_shed_never_500(tiny_model_dir):
         assert set(codes) <= {200, 503}, codes
         assert codes.count(200) >= 5
         assert all("Retry-After" in r.headers for r in responses if r.status_code == 503)
-        assert all(r.headers.get("connection") == "close" for r in responses if r.status_code == 503)
+        # Refused after its body was read: the connection stays usable (no reset, no forced close).
+        assert all(r.headers.get("connection") != "close" for r in responses if r.status_code == 503)
         assert all(r.json()["error"]["type"] == "overloaded" for r in responses if r.status_code == 503)
         assert max(health_latency) < 1.0
         assert rss_bytes(process.pid) - rss_before < 300 * 1024 * 1024
@@ -200,3 +202,5 @@ def test_client_disconnect_frees_the_model(tiny_model_dir):
         started = time.perf_counter()
         assert post(base, max_new_tokens="4").status_code == 200
         assert time.perf_counter() - started < 2.0
+        exposition = httpx.get(f"{base}/metrics", headers={"Accept": "text/plain"}).text
+        assert 'vlm_finish_reason_total{reason="cancelled"} 1.0' in exposition
