@@ -74,7 +74,9 @@ docker tag vlm-ci/base:bookworm vlm-ci/nginx:bookworm
 step "wheelhouse from this machine (torch from local disk, not a multi-GB download)"
 "$VENV/bin/pip" download -q --only-binary=:all: -d "$WORK/wheels" -r requirements.txt 2>&1 |
   { grep -v "^WARNING: Location" || true; }
-ls "$WORK/wheels" | grep -q '^torch-2' || { echo "wheelhouse has no torch wheel"; exit 1; }
+# Capture, then search: under pipefail, `cmd | grep -q` fails at random when grep exits first (SIGPIPE).
+wheels=$(ls "$WORK/wheels")
+grep -q '^torch-2' <<<"$wheels" || { echo "wheelhouse has no torch wheel"; exit 1; }
 (cd "$WORK/wheels" && exec python3 -m http.server --bind 127.0.0.1 "$WHEEL_PORT") >/dev/null 2>&1 &
 WHEEL_PID=$!
 
@@ -146,7 +148,9 @@ docker run -d --name vlm-ci-mps --health-interval 5s \
   -e BASE_MODEL_ID=/root/.cache/huggingface/ci-tiny -e DEVICE=mps -e TORCH_DTYPE=float16 \
   vlm-inference:ci >/dev/null
 wait_healthy vlm-ci-mps 180
-docker logs vlm-ci-mps 2>&1 | grep -q 'DEVICE=mps requested but mps is not available; falling back to cpu'
+mps_log=$(docker logs vlm-ci-mps 2>&1)
+grep -q 'DEVICE=mps requested but mps is not available; falling back to cpu' <<<"$mps_log" \
+  || { echo "MPS fallback warning missing from the log:"; tail -20 <<<"$mps_log"; exit 1; }
 echo "mps -> cpu fallback logged"
 docker rm -f vlm-ci-mps >/dev/null
 

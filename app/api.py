@@ -63,7 +63,7 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
     "Greedy decoding: the same image and prompt give the same table.",
     operation_id="infer_diagram",
     tags=["inference"],
-    responses={**error_responses(400, 401, 413, 415, 422, 500, 503, 504),
+    responses={**error_responses(400, 401, 408, 413, 415, 422, 500, 503, 504),
                200: {"content": {"text/markdown": {"schema": {"type": "string"}},
                                  "text/csv": {"schema": {"type": "string"}}},
                      "description": "JSON (default), or just the table as markdown or CSV (format / Accept)"}},

@@ -19,14 +19,17 @@ from .requestid import current_request_id
 logger = logging.getLogger(__name__)
 
 _DESCRIPTIONS = {
-    400: "Invalid input: undecodable image, unreadable PDF, bad form or query value",
+    400: "Invalid input: undecodable image, unreadable PDF, a file over DECODE_TIMEOUT_S to decode, a shape the model "
+         "cannot take, bad form or query value",
     401: "Missing or wrong API key",
     404: "No such route",
+    408: "The upload did not arrive in full within UPLOAD_TIMEOUT_S",
     413: "Upload over MAX_UPLOAD_MB, or image over the decoded-pixel limit",
     415: "Not an accepted image/PDF format",
     422: "A required form field is missing; or format=markdown/csv and the answer holds no table",
     500: "Internal error (details in the service log, under the request id)",
-    503: "Model not ready, draining, or the wait queue is full (see Retry-After)",
+    503: "Model not ready, draining or shut down mid-request, too many uploads, or the wait queue is full "
+         "(see Retry-After)",
     504: "The request passed its deadline (REQUEST_TIMEOUT_S)",
 }
 
