@@ -122,6 +122,7 @@ def _not_ready(health: HealthResponse, error: NotReadyError) -> JSONResponse:
                **error_responses(500)},
 )
 async def read_health(service: ServiceDep) -> Any:
+    """HEAD gives the same status without the body (load balancers that probe with HEAD)."""
     health = service.health()
     if health.status == "healthy":
         return health
@@ -131,6 +132,9 @@ async def read_health(service: ServiceDep) -> Any:
         "draining": "the service is shutting down",
     }.get(health.status, health.status)
     return _not_ready(health, NotReadyError(message, headers={"Retry-After": "10"}))
+
+
+router.add_api_route("/health", read_health, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get(

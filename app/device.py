@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ class Placement:
     dtype: torch.dtype
     warnings: tuple[str, ...] = field(default=())
     quantization: str | None = None  # e.g. "int8-decode": int8 weights for the decoding steps
+    device_fallback: str | None = None  # why the DEVICE asked for is not the one used
 
     @property
     def dtype_name(self) -> str:
@@ -49,10 +51,27 @@ def resolve_device(requested: Device) -> tuple[str, list[str]]:
         if torch.cuda.is_available():
             return "cuda", []
         return ("mps", []) if _mps_available() else ("cpu", [])
-    available = {Device.cuda: torch.cuda.is_available, Device.mps: _mps_available, Device.cpu: lambda: True}
-    if available[requested]():
+    if requested == Device.cpu:
+        return "cpu", []
+    available, reason = _cuda_status() if requested == Device.cuda else (_mps_available(), "not available")
+    if available:
         return requested.value, []
-    return "cpu", [f"DEVICE={requested.value} requested but {requested.value} is not available; falling back to cpu"]
+    return "cpu", [f"DEVICE={requested.value} requested but {requested.value} is not available ({reason}); "
+                   "falling back to cpu"]
+
+
+def _cuda_status() -> tuple[bool, str]:
+    """Whether CUDA works, and if not, torch's own reason (a driver too old for this build names both
+    versions), else what is known."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return True, ""
+    said = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    if said:
+        return False, said[0]
+    return False, f"no CUDA device visible to this torch build (CUDA {torch.version.cuda or 'none'})"
 
 
 # Below this size bfloat16's conversions cost more than its faster matrix math saves on the CPU
@@ -88,7 +107,8 @@ def resolve_placement(device: Device, dtype: TorchDType) -> Placement:
     """Resolve both and log each fallback once, as a WARNING."""
     chosen_device, device_warnings = resolve_device(device)
     chosen_dtype, dtype_warnings = resolve_dtype(chosen_device, dtype)
-    warnings = tuple(device_warnings + dtype_warnings)
-    for message in warnings:
+    messages = tuple(device_warnings + dtype_warnings)
+    for message in messages:
         logger.warning(message)
-    return Placement(chosen_device, chosen_dtype, warnings)
+    return Placement(chosen_device, chosen_dtype, messages, device_fallback=device_warnings[0] if device_warnings
+                     else None)

@@ -87,10 +87,14 @@ def read_params(adapter_dir: Path) -> dict[str, Any]:
     return params
 
 
-def apply_adapter(model: Any, adapter_dir: Path) -> tuple[Any, AdapterReport | None]:
+def apply_adapter(model: Any, adapter_dir: Path, required: bool = True) -> tuple[Any, AdapterReport | None]:
     """Apply the LoRA adapter with peft, verify every weight landed, merge it and unload the wrapper."""
     if not (adapter_dir / "adapter_config.json").is_file():
-        logger.warning("adapter not found at %s (no adapter_config.json), serving the base model", adapter_dir)
+        if required:
+            raise ModelLoadError(f"no adapter at {adapter_dir} (no adapter_config.json): mount the fine-tuned "
+                                 "adapter there, or set REQUIRE_ADAPTER=false to serve the base model on purpose")
+        logger.warning("adapter not found at %s (no adapter_config.json), serving the base model "
+                       "(REQUIRE_ADAPTER=false)", adapter_dir)
         return model, None
     from peft import PeftConfig, PeftModel
     from peft.tuners.lora import LoraLayer
@@ -176,7 +180,7 @@ def load_model(settings: Settings, placement: Placement) -> LoadedModel:
         raise ModelLoadError(f"cannot load {base}: {str(error).splitlines()[0]}") from None
     logger.info("processor loaded from %s", processor_source)
     params = read_params(adapter_dir)
-    model, adapter = apply_adapter(model, adapter_dir)
+    model, adapter = apply_adapter(model, adapter_dir, required=settings.require_adapter)
     if settings.quantization == Quantization.int8:
         model, placement = quantize(model, placement)
     model.eval()

@@ -8,11 +8,12 @@ import logging
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from . import SERVICE_NAME, __version__
 from .access import AccessLogMiddleware
 from .api import router
-from .docs import install_docs
+from .docs import declare_api_key, install_docs
 from .envelope import install_error_handlers
 from .gate import InferGate
 from .requestid import RequestIdMiddleware, install_log_record_factory
@@ -61,8 +62,16 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     install_error_handlers(app)
     app.include_router(router)
     install_docs(app)
+    if settings.api_key:
+        declare_api_key(app, [("/infer", "post")] + ([("/metrics", "get")] if settings.metrics_require_key else []))
     # Added last = outermost: the request id exists before the access log and the gate run.
     app.add_middleware(InferGate, service_getter=lambda: app.state.service)
     app.add_middleware(AccessLogMiddleware, metrics_getter=lambda: app.state.service.prometheus)
     app.add_middleware(RequestIdMiddleware)
+    if settings.cors_origins.strip():
+        # Outermost, so preflights and refusals (401, 503) carry the CORS headers a browser needs to read them.
+        origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
     return app

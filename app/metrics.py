@@ -71,6 +71,8 @@ class Metrics:
                                 registry=registry)
         self.model_info = Gauge("vlm_model_info", "The model being served (value is always 1)",
                                 ["model", "adapter", "device", "dtype"], registry=registry)
+        self.device_fallback = Gauge("vlm_device_fallback", "1 when the DEVICE asked for could not be used and "
+                                     "the model runs on the CPU instead", registry=registry)
         self.gpu_allocated = Gauge("vlm_gpu_memory_allocated_bytes", "CUDA memory held by tensors",
                                    registry=registry)
         self.gpu_reserved = Gauge("vlm_gpu_memory_reserved_bytes", "CUDA memory reserved by the allocator",

@@ -78,6 +78,8 @@ class HealthResponse(BaseModel):
     adapter: str | None
     adapter_modules_merged: int | None
     device: str | None
+    device_fallback: str | None = Field(None, description="why the DEVICE asked for is not the one in use "
+                                        "(e.g. the GPU driver is too old for this build)")
     dtype: str | None
     model_load_time: float | None = Field(description="seconds from start of load to ready")
     reason: str | None = Field(None, description="why the load failed (status=failed)")

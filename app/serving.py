@@ -98,6 +98,8 @@ class InferenceService:
         self.prometheus.slots_in_use.set_function(lambda: self.runner.in_flight)
         self.prometheus.gpu_allocated.set_function(lambda: gpu_memory_bytes()[0])
         self.prometheus.gpu_reserved.set_function(lambda: gpu_memory_bytes()[1])
+        self.prometheus.device_fallback.set_function(
+            lambda: 1 if self.placement is not None and self.placement.device_fallback else 0)
         self.placement: Placement | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -107,6 +109,9 @@ class InferenceService:
         settings, runner = self.settings, self.runner
         runner.phase = "loading weights"
         self.placement = resolve_placement(settings.device, settings.torch_dtype)
+        if self.placement.device_fallback and settings.device_strict:
+            raise ModelLoadError(f"{self.placement.device_fallback.removesuffix('; falling back to cpu')} "
+                                 "and DEVICE_STRICT=true")
         loaded = load_model(settings, self.placement)
         self.placement = loaded.placement  # quantization may have changed the precision
         runner.phase = "allocating the KV cache"
@@ -264,6 +269,7 @@ class InferenceService:
             adapter_modules_merged=engine.loaded.adapter.merged_modules if engine and engine.loaded.adapter
             else None,
             device=placement.device if placement else None,
+            device_fallback=placement.device_fallback if placement else None,
             dtype=placement.dtype_name if placement else None,
             model_load_time=round(runner.load_time_s, 3) if runner.load_time_s is not None else None,
             reason=runner.failure_reason,

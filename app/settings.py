@@ -56,7 +56,11 @@ class Settings(BaseSettings):
                                description="Hub id or local folder of the base model; 'demo' = offline tiny model")
     model_revision: str | None = Field(None, description="branch, tag or commit of a Hub model")
     adapter_path: Path = Field(Path("/app/models/weights"), description="folder of the LoRA adapter")
+    require_adapter: bool = Field(True, description="no adapter at ADAPTER_PATH fails the load; false serves the "
+                                                    "base model on purpose")
     device: Device = Device.auto
+    device_strict: bool = Field(False, description="a DEVICE that cannot be used fails the load instead of "
+                                                   "falling back to the CPU")
     torch_dtype: TorchDType = TorchDType.auto
     quantization: Quantization = Field(
         Quantization.none, description="int8: int8 language-model weights (CPU: for decoding; CUDA: bitsandbytes)")
@@ -95,6 +99,8 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, /infer requires it")
     metrics_require_key: bool = Field(False, description="also require API_KEY on /metrics")
+    cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
+                                              "page ('*' for any); empty: none")
     force_max_new_tokens: bool = Field(False, description="benchmarks only: never stop before max_new_tokens")
     repetition_guard: bool = Field(True, description="stop generation that degenerates into repetition")
     warmup: bool = Field(True, description="run one generation before reporting ready")

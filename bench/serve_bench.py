@@ -170,7 +170,7 @@ def full_model_env() -> dict[str, str]:
         model.save_pretrained(str(folder))
         processor.save_pretrained(str(folder))
         del model
-    return {"BASE_MODEL_ID": str(folder), "ADAPTER_PATH": str(folder / "no-adapter")}
+    return {"BASE_MODEL_ID": str(folder), "ADAPTER_PATH": str(folder / "no-adapter"), "REQUIRE_ADAPTER": "false"}
 
 
 def main() -> int:

@@ -221,3 +221,44 @@ def test_unexpected_error_is_the_500_envelope_with_the_request_id_in_body_and_lo
     assert "processor bug" not in response.text
     logged = [r for r in caplog.records if r.getMessage().startswith("unhandled error on POST /infer")]
     assert logged and logged[0].request_id == "trace-500" and "processor bug" in logged[0].exc_text
+
+
+def test_head_health_gives_the_status_without_a_body():
+    with make_client(load_s=0.5) as client:
+        assert client.head("/health").status_code == 503
+        wait_for_status(client, "healthy")
+        response = client.head("/health")
+    assert response.status_code == 200 and response.content == b""
+
+
+def test_cors_preflight_is_allowed_only_for_listed_origins():
+    with make_client(cors_origins="https://portal.example") as client:
+        wait_for_status(client, "healthy")
+        allowed = client.options("/infer", headers={"Origin": "https://portal.example",
+                                                    "Access-Control-Request-Method": "POST"})
+        other = client.options("/infer", headers={"Origin": "https://evil.example",
+                                                  "Access-Control-Request-Method": "POST"})
+        answer = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                             headers={"Origin": "https://portal.example"})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://portal.example"
+    assert "access-control-allow-origin" not in other.headers
+    assert answer.headers["access-control-allow-origin"] == "https://portal.example"
+    with make_client() as client:  # no CORS_ORIGINS: no browser page on another origin may call it
+        preflight = client.options("/infer", headers={"Origin": "https://portal.example",
+                                                      "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_openapi_declares_the_api_key_schemes_only_when_a_key_is_set():
+    with make_client(api_key="secret", metrics_require_key=True) as client:
+        spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["apiKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert spec["paths"]["/infer"]["post"]["security"] == [{"apiKeyHeader": []}, {"bearer": []}]
+    assert "security" in spec["paths"]["/metrics"]["get"] and "security" not in spec["paths"]["/health"]["get"]
+    with make_client() as client:
+        open_spec = client.get("/openapi.json").json()
+    assert "securitySchemes" not in open_spec.get("components", {})
+    assert "security" not in open_spec["paths"]["/infer"]["post"]

@@ -127,9 +127,18 @@ def test_failed_adapter_load_shows_in_health(tiny_model_dir, tiny_settings, tmp_
         assert "params.json" in body["reason"] and "\n" not in body["reason"]
 
 
-def test_missing_adapter_serves_the_base_model_with_a_warning(tiny_settings, tmp_path, caplog):
+def test_missing_adapter_fails_the_load_with_the_path_in_the_reason(tiny_settings, tmp_path):
+    """A load balancer must not send traffic to the bare base model because a volume was not mounted."""
+    missing = tmp_path / "not-mounted"
+    with TestClient(create_app(tiny_settings(adapter_path=missing))) as client:
+        body = wait_for_status(client, "failed")
+        response = client.get("/health")
+    assert response.status_code == 503 and str(missing) in body["reason"] and "REQUIRE_ADAPTER" in body["reason"]
+
+
+def test_missing_adapter_serves_the_base_model_when_asked_to(tiny_settings, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    with TestClient(create_app(tiny_settings(adapter_path=tmp_path / "nothing-here"))) as client:
+    with TestClient(create_app(tiny_settings(adapter_path=tmp_path / "nothing-here", require_adapter=False))) as client:
         health = wait_for_status(client, "healthy")
         assert health["adapter"] is None and client.get("/").json()["adapter"] is None
         response = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
@@ -166,6 +175,23 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning(tiny_settings, caplog):
     assert any("falling back to cpu" in r.getMessage() for r in caplog.records)
     loaded = load_model(settings, placement)
     assert str(loaded.model.device) == "cpu"
+
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_fallback_is_reported_in_health_and_metrics(tiny_settings):
+    with TestClient(create_app(tiny_settings(device="cuda"))) as client:
+        health = wait_for_status(client, "healthy")
+        exposition = client.get("/metrics", headers={"Accept": "text/plain"}).text
+    assert health["device"] == "cpu" and "DEVICE=cuda requested" in health["device_fallback"]
+    assert "vlm_device_fallback 1.0" in exposition
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_strict_turns_the_fallback_into_a_load_failure(tiny_settings):
+    with TestClient(create_app(tiny_settings(device="cuda", device_strict=True))) as client:
+        body = wait_for_status(client, "failed")
+    assert "DEVICE=cuda requested" in body["reason"] and "DEVICE_STRICT" in body["reason"]
 
 
 def test_truncated_answer_is_flagged_in_the_response(tiny_client):
