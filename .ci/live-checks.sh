@@ -22,8 +22,10 @@ BASE_MODEL_ID=demo DEMO_DIR="$DEMO_DIR/demo" HOST=127.0.0.1 PORT=$PORT MAX_NEW_T
   "$VENV/bin/python" -m app >"$ART/service.log" 2>&1 &
 SERVICE_PID=$!
 PROM_PID=
+KEYED_PID=
 cleanup() {
   [ -n "$PROM_PID" ] && kill "$PROM_PID" 2>/dev/null
+  [ -n "$KEYED_PID" ] && kill "$KEYED_PID" 2>/dev/null
   kill "$SERVICE_PID" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$DEMO_DIR"
@@ -94,3 +96,17 @@ echo "prometheus: up=$up vlm_requests_total{endpoint=\"/infer\"}=$total"
 
 echo "--- Swagger UI in headless Chromium: Try it out on POST /infer"
 "$VENV/bin/python" .ci/swagger_check.py "$BASE" "$ART/diagram.png" "$ART/swagger-infer.png"
+
+echo "--- Swagger UI with API_KEY set: Authorize, then Execute"
+KEYED_PORT=$((PORT + 1))
+BASE_MODEL_ID=demo DEMO_DIR="$DEMO_DIR/demo" HOST=127.0.0.1 PORT=$KEYED_PORT MAX_NEW_TOKENS=16 API_KEY=ci-secret \
+  "$VENV/bin/python" -m app >"$ART/service-keyed.log" 2>&1 &
+KEYED_PID=$!
+for _ in $(seq 1 240); do
+  if curl -fsS "http://127.0.0.1:$KEYED_PORT/health" >/dev/null 2>&1; then break; fi
+  kill -0 "$KEYED_PID" 2>/dev/null || { cat "$ART/service-keyed.log"; exit 1; }
+  sleep 0.5
+done
+"$VENV/bin/python" .ci/swagger_check.py "http://127.0.0.1:$KEYED_PORT" "$ART/diagram.png" \
+  "$ART/swagger-authorize.png" ci-secret
+kill "$KEYED_PID" 2>/dev/null || true

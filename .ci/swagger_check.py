@@ -1,6 +1,7 @@
 """Drive Swagger UI in headless Chromium like a person: POST /infer with a PNG, see a 200 with a description.
+With an API key: Execute first gets 401, then Authorize with the key, Execute again, see the 200.
 
-    python .ci/swagger_check.py BASE_URL PNG_PATH SCREENSHOT_PATH
+    python .ci/swagger_check.py BASE_URL PNG_PATH SCREENSHOT_PATH [API_KEY]
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
-def main(base: str, png: str, screenshot: str) -> int:
+def authorize(page, api_key: str) -> None:
+    """Swagger UI's Authorize button, the X-API-Key scheme's field, Authorize, Close."""
+    page.locator(".auth-wrapper .authorize").first.click()
+    scheme = page.locator(".auth-container").filter(has_text="apiKeyHeader")
+    scheme.locator("input").fill(api_key)
+    scheme.locator("button.authorize").click()  # its accessible name is "Apply credentials"
+    page.locator(".modal-ux button.btn-done").first.click()
+
+
+def main(base: str, png: str, screenshot: str, api_key: str | None = None) -> int:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 1400})
@@ -23,8 +33,12 @@ def main(base: str, png: str, screenshot: str) -> int:
         block.locator(".opblock-summary").click()
         block.get_by_role("button", name="Try it out").click()
         block.locator('input[type="file"]').set_input_files(png)
-        block.get_by_role("button", name="Execute").click()
         status = block.locator(".live-responses-table .response .response-col_status").first
+        if api_key:
+            block.get_by_role("button", name="Execute").click()
+            expect(status).to_have_text("401", timeout=60_000)
+            authorize(page, api_key)
+        block.get_by_role("button", name="Execute").click()
         expect(status).to_have_text("200", timeout=120_000)
         body = block.locator(".live-responses-table .response .microlight, "
                              ".live-responses-table .response pre").first
@@ -33,9 +47,10 @@ def main(base: str, png: str, screenshot: str) -> int:
         block.locator(".live-responses-table").scroll_into_view_if_needed()
         page.screenshot(path=screenshot, full_page=True)
         browser.close()
-    print(f"swagger: POST /infer via the UI returned 200 with a description; screenshot {screenshot}")
+    how = "after Authorize with the API key (401 before)" if api_key else "via the UI"
+    print(f"swagger: POST /infer {how} returned 200 with a description; screenshot {screenshot}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(*sys.argv[1:5]))
