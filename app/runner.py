@@ -104,7 +104,7 @@ class Runner:
         self._pending = 0  # admitted and not answered (event loop only)
         self._waiting = 0  # admitted and without a KV slot yet
         self._lock = threading.Lock()  # _waiting changes on both threads
-        self._answers: set[asyncio.Future] = set()  # requests waiting for the model thread's answer
+        self._answers: dict[asyncio.Future, Sequence] = {}  # requests waiting for the model thread's answer
         self._abort_error: BaseException | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -182,8 +182,7 @@ class Runner:
         sequence = Sequence(inputs, max_new_tokens, on_start=ticket.started,
                             on_done=lambda result: _hand_over(loop, future, result, None),
                             on_error=lambda error: _hand_over(loop, future, None, error))
-        future.sequence = sequence  # for abort()
-        self._answers.add(future)
+        self._answers[future] = sequence
         self._inbox.put(sequence)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -194,7 +193,7 @@ class Runner:
             sequence.cancel.set()
             raise
         finally:
-            self._answers.discard(future)
+            self._answers.pop(future, None)
 
     def _serve(self) -> None:
         """The model thread's life after loading: take in what arrived, run one scheduler step, repeat;
@@ -226,8 +225,8 @@ class Runner:
         those that reach it later), and its generation stops at the next step. Runs on the event loop."""
         self.begin_drain()
         self._abort_error = error
-        for future in list(self._answers):
-            future.sequence.cancel.set()
+        for future, sequence in list(self._answers.items()):
+            sequence.cancel.set()
             _settle(future, None, error)
 
     async def wait_idle(self, grace_s: float) -> bool:

@@ -312,8 +312,27 @@ def test_a_refusal_before_the_body_leaves_the_connection_usable(tiny_model_dir):
                          b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: %d\r\n\r\n" % len(body))
             sock.sendall(body)
             sock.settimeout(10)
-            first = sock.recv(65536)
+            first = read_response(sock)
             assert first.startswith(b"HTTP/1.1 401") and b"connection: close" not in first.lower()
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            second = sock.recv(65536)
+            second = read_response(sock)
         assert second.startswith(b"HTTP/1.1 200"), second[:100]
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body), however TCP splits it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
+                   if line.startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
