@@ -53,10 +53,11 @@ def resolve_device(requested: Device) -> tuple[str, list[str]]:
         return ("mps", []) if _mps_available() else ("cpu", [])
     if requested == Device.cpu:
         return "cpu", []
-    available, reason = _cuda_status() if requested == Device.cuda else (_mps_available(), "not available")
+    available, reason = _cuda_status() if requested == Device.cuda else (_mps_available(), "")
     if available:
         return requested.value, []
-    return "cpu", [f"DEVICE={requested.value} requested but {requested.value} is not available ({reason}); "
+    because = f" ({reason})" if reason else ""
+    return "cpu", [f"DEVICE={requested.value} requested but {requested.value} is not available{because}; "
                    "falling back to cpu"]
 
 
