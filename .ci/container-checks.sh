@@ -166,4 +166,25 @@ seen=$(for _ in $(seq 1 8); do
 done | tr -d '\r' | sort -u)
 echo "replicas that answered through nginx: $(echo "$seen" | tr '\n' ' ')"
 [ "$(echo "$seen" | grep -c .)" -ge 2 ]
+echo "--- the OpenAI-compatible API through nginx: a completion, then the same one streamed as events"
+"$VENV/bin/python" - "$ART/ci-diagram.png" "http://127.0.0.1:$NGINX_PORT" <<'PY'
+import base64, json, sys
+import httpx
+image, base = sys.argv[1], sys.argv[2]
+model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+body = {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+whole = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).raise_for_status().json()
+text, events = "", 0
+with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as response:
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+assert lines[-1] == "data: [DONE]", lines[-3:]
+for line in lines[:-1]:
+    chunk = json.loads(line[6:])
+    events += 1
+    text += chunk["choices"][0]["delta"].get("content") or "" if chunk["choices"] else ""
+assert text == whole["choices"][0]["message"]["content"], (text, whole)
+print(f"{model}: {whole['usage']['completion_tokens']} tokens; streamed in {events} events, same text")
+PY
 step "container stage passed"

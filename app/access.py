@@ -18,6 +18,8 @@ from .metrics import Metrics, endpoint_label
 
 logger = logging.getLogger("app.access")
 INFERENCE_PATH = "/infer"
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+INFERENCE_PATHS = (INFERENCE_PATH, CHAT_COMPLETIONS_PATH)  # each runs the model: the gate admits them
 
 
 @dataclass
@@ -73,11 +75,12 @@ class AccessLogMiddleware:
         metrics = self.metrics_getter()
         status = record.status or 500
         metrics.requests.labels(endpoint_label(record.path), str(status)).inc()
-        if record.path == INFERENCE_PATH and record.method == "POST":
-            metrics.request_duration.observe(record.duration_s)
+        inference = record.path in INFERENCE_PATHS and record.method == "POST"
+        if inference:
+            metrics.request_duration.labels(record.path).observe(record.duration_s)
             if record.error_type and status != 500:
-                metrics.rejected.labels(record.error_type).inc()
+                metrics.rejected.labels(record.path, record.error_type).inc()
         fields = {k: v for k, v in asdict(record).items() if v is not None}
-        level = logging.INFO if record.path == INFERENCE_PATH else logging.DEBUG  # probes stay quiet
+        level = logging.INFO if inference else logging.DEBUG  # probes stay quiet
         logger.log(level, "%s %s %s %.3fs", record.method, record.path, status, record.duration_s,
                    extra={"access": fields})

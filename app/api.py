@@ -2,57 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Annotated, Any, Awaitable, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
+from .dependencies import ServiceDep
+from .disconnect import until_disconnect
 from .envelope import EnvelopedRoute, error_responses
-from .errors import ClientClosedError, NoTableError, NotReadyError
+from .errors import NoTableError, NotReadyError
 from .imaging import ACCEPTED_TEXT
 from .metrics import wants_prometheus
 from .protocol import ErrorBody, HealthResponse, InferResponse, MetricsResponse, ServiceInfo
 from .requestid import current_request_id
-from .serving import InferenceService, InferParams
+from .serving import InferParams
 from .table import to_csv, to_markdown
 
 logger = logging.getLogger(__name__)
 router = APIRouter(route_class=EnvelopedRoute)
-T = TypeVar("T")
-
-
-def get_service(request: Request) -> InferenceService:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[InferenceService, Depends(get_service)]
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` but cancel it if the client disconnects, so its queue slot and the device are freed."""
-    task = asyncio.ensure_future(work)
-    disconnected = asyncio.Event()
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-                task.cancel()
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if disconnected.is_set():
-            logger.info("client disconnected; request abandoned")
-            raise ClientClosedError("client disconnected") from None
-        raise
-    finally:
-        watcher.cancel()
 
 
 @router.post(
@@ -84,7 +52,7 @@ async def infer_diagram(
     ticket = request.state.ticket
     data = await file.read()
     params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, page=page)
-    result = await _until_disconnect(request, service.infer(data, params, ticket))
+    result = await until_disconnect(request, service.infer(data, params, ticket))
     chosen = format or _format_from_accept(request.headers.get("accept", ""))
     if chosen == "json":
         return result

@@ -135,8 +135,13 @@ class Engine:
                    for key, value in inputs.items()}
         return PreparedInputs(tensors, prompt_tokens, image_tokens)
 
+    def decode_tokens(self, tokens: list[int]) -> str:
+        """Text of some generated tokens, as they are (streaming decodes the answer piece by piece with it)."""
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+
     def detokenize(self, tokens: list[int]) -> str:
-        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        """The answer: the text of all its tokens, stripped."""
+        return self.decode_tokens(tokens).strip()
 
     # --- the model thread ---------------------------------------------------------------------------
     def capture_graphs(self) -> None:

@@ -1,4 +1,5 @@
-"""One error envelope for every failure: {"error": {"type", "message", "request_id"}}."""
+"""One error envelope for every failure: {"error": {"type", "message", "request_id"}}; under /v1/ the same
+errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, which its SDKs read."""
 
 from __future__ import annotations
 
@@ -34,18 +35,32 @@ _DESCRIPTIONS = {
 }
 
 
-def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error"}
+
+
+def error_responses(*status_codes: int, model: type = ErrorResponse,
+                    descriptions: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
     """The ``responses=`` entry documenting these statuses with the envelope schema."""
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in status_codes}
+    described = {**_DESCRIPTIONS, **(descriptions or {})}
+    return {code: {"model": model, "description": described[code]} for code in status_codes}
 
 
 def envelope(error: ServiceError) -> dict[str, Any]:
     return {"error": {"type": error.error_type, "message": error.message, "request_id": current_request_id()}}
 
 
-def error_response(error: ServiceError) -> JSONResponse:
+def openai_error(error: ServiceError) -> dict[str, Any]:
+    """OpenAI's error object: its type is the broad class its SDKs know, code is this service's error type."""
+    kind = "server_error" if error.status_code >= 500 else _OPENAI_TYPES.get(error.status_code,
+                                                                              "invalid_request_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.error_type}}
+
+
+def error_response(error: ServiceError, path: str = "") -> JSONResponse:
     note(error_type=error.error_type)
-    return JSONResponse(envelope(error), status_code=error.status_code, headers=error.headers)
+    body = openai_error(error) if path.startswith(OPENAI_PREFIX) else envelope(error)
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> ServiceError:
@@ -81,11 +96,11 @@ class EnvelopedRoute(APIRoute):
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_describe_validation(exc))
+        return error_response(_describe_validation(exc), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -98,9 +113,9 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             mapped = InvalidRequestError(str(exc.detail))
             mapped.status_code = exc.status_code if 400 <= exc.status_code < 500 else 400
-        return error_response(mapped)
+        return error_response(mapped, request.url.path)
 
     @app.exception_handler(Exception)  # last resort, for errors outside the routes (see EnvelopedRoute)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(ServiceError())
+        return error_response(ServiceError(), request.url.path)

@@ -10,10 +10,12 @@ class ServiceError(Exception):
     error_type = "internal_error"
     default_message = "internal error; the request id is in the service log"
 
-    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None,
+                 param: str | None = None):
         super().__init__(message or self.default_message)
         self.message = message or self.default_message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, for the OpenAI-shaped error
 
 
 class InvalidRequestError(ServiceError):
@@ -24,6 +26,14 @@ class InvalidImageError(ServiceError):
     status_code, error_type = 400, "invalid_image"
 
 
+class ImageURLNotAllowedError(ServiceError):
+    status_code, error_type = 400, "image_url_not_allowed"
+
+
+class ImageFetchError(ServiceError):
+    status_code, error_type = 400, "image_fetch_failed"
+
+
 class UnauthorizedError(ServiceError):
     status_code, error_type = 401, "unauthorized"
     default_message = "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
@@ -31,6 +41,10 @@ class UnauthorizedError(ServiceError):
 
 class NotFoundError(ServiceError):
     status_code, error_type = 404, "not_found"
+
+
+class ModelNotFoundError(ServiceError):
+    status_code, error_type = 404, "model_not_found"
 
 
 class MethodNotAllowedError(ServiceError):

@@ -1,4 +1,5 @@
-"""Everything decided about an /infer request at the door: key, size, the upload itself, then admission.
+"""Everything decided about an inference request (/infer, /v1/chat/completions) at the door: key, size, the
+upload itself, then admission.
 
 Pure ASGI. The body is read here, whole and within ``UPLOAD_TIMEOUT_S``, in a bounded number of upload places
 that are not generation places: a client that trickles its upload holds only its own upload place, and a
@@ -18,8 +19,8 @@ from typing import Any, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .access import INFERENCE_PATH, note
-from .envelope import error_response
+from .access import INFERENCE_PATH, INFERENCE_PATHS, note
+from .envelope import OPENAI_PREFIX, error_response
 from .errors import (ClientClosedError, OverloadedError, PayloadTooLargeError, ServiceError, UnauthorizedError,
                      UploadTimeoutError)
 from .runner import RETRY_AFTER_BUSY_S
@@ -47,25 +48,24 @@ class InferGate:
         service = self.service_getter()
         settings = service.settings
         headers = dict(scope.get("headers", [])) if path else {}
-        if path == "/metrics" and settings.api_key and settings.metrics_require_key:
-            if not key_matches(headers, settings.api_key):
-                await _refuse(UnauthorizedError(), scope, receive, send)
+        if path not in INFERENCE_PATHS or scope.get("method") != "POST":
+            if settings.api_key and _needs_key(path, settings) and not key_matches(headers, settings.api_key):
+                await _refuse(UnauthorizedError(), path, scope, receive, send)
                 return
-        if path != INFERENCE_PATH or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        limit = settings.max_upload_bytes
+        limit = body_limit(path, settings.max_upload_bytes)
         try:
             if settings.api_key and not key_matches(headers, settings.api_key):
                 raise UnauthorizedError()
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise PayloadTooLargeError(_too_large(settings.max_upload_mb))
+                raise PayloadTooLargeError(_too_large(settings.max_upload_mb, path))
             service.runner.check_ready()  # loading or draining: no point in taking the upload
             if self.uploads >= settings.max_uploads:
                 raise OverloadedError(f"{self.uploads} uploads in progress; retry shortly",
                                       headers={"Retry-After": str(RETRY_AFTER_BUSY_S)})
-            body = await self._read_body(receive, limit, settings)
+            body = await self._read_body(receive, limit, path, settings)
             ticket = service.runner.admit()
         except ClientClosedError:
             logger.info("client disconnected during the upload")
@@ -75,7 +75,7 @@ class InferGate:
             if error.status_code == 503:
                 service.stats.rejected_count += 1
             note(error_type=error.error_type)
-            await _refuse(error, scope, receive, send)
+            await _refuse(error, path, scope, receive, send)
             return
         scope.setdefault("state", {})["ticket"] = ticket
         try:
@@ -83,7 +83,7 @@ class InferGate:
         finally:
             ticket.release()
 
-    async def _read_body(self, receive: Receive, limit: int, settings: Any) -> bytes:
+    async def _read_body(self, receive: Receive, limit: int, path: str, settings: Any) -> bytes:
         """The whole body, within UPLOAD_TIMEOUT_S and MAX_UPLOAD_MB, holding one upload place meanwhile."""
         self.uploads += 1
         chunks: list[bytes] = []
@@ -103,12 +103,17 @@ class InferGate:
                 chunk = message.get("body", b"")
                 received += len(chunk)
                 if received > limit:
-                    raise PayloadTooLargeError(_too_large(settings.max_upload_mb))
+                    raise PayloadTooLargeError(_too_large(settings.max_upload_mb, path))
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
         finally:
             self.uploads -= 1
+
+
+def _needs_key(path: str, settings: Any) -> bool:
+    """Besides the inference routes: all of the OpenAI-compatible API, and /metrics when asked."""
+    return path.startswith(OPENAI_PREFIX) or (path == "/metrics" and settings.metrics_require_key)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -125,15 +130,25 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _refuse(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
+async def _refuse(error: ServiceError, path: str, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer with the envelope. A body past the limit or a stalled upload also closes the connection: it
     would never finish arriving. Any other refusal leaves it open, and the server discards the unread body
     instead of resetting the connection with it (which loses the answer on the way)."""
-    response = error_response(error)
+    response = error_response(error, path)
     if isinstance(error, (PayloadTooLargeError, UploadTimeoutError)):
         response.headers["Connection"] = "close"
     await response(scope, receive, send)
 
 
-def _too_large(max_upload_mb: float) -> str:
-    return f"the upload is larger than MAX_UPLOAD_MB={max_upload_mb:g} MiB"
+def body_limit(path: str, max_upload_bytes: int) -> int:
+    """A JSON body carries the image base64-encoded: 4/3 of its bytes, plus room for the rest of the request."""
+    return max_upload_bytes if path == INFERENCE_PATH else max_upload_bytes * 4 // 3 + JSON_ALLOWANCE_BYTES
+
+
+JSON_ALLOWANCE_BYTES = 64 * 1024
+
+
+def _too_large(max_upload_mb: float, path: str) -> str:
+    if path == INFERENCE_PATH:
+        return f"the upload is larger than MAX_UPLOAD_MB={max_upload_mb:g} MiB"
+    return f"the request body is larger than an image of MAX_UPLOAD_MB={max_upload_mb:g} MiB takes, base64-encoded"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -32,6 +33,22 @@ class AdapterReport:
     path: str
     lora_modules: int
     merged_modules: int
+    digest: str = ""  # of its config and weights: names the served model (the same adapter, the same name)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_digest(adapter_dir: Path) -> str:
+    """The first 8 hex digits of a SHA-256 over the adapter's config and weight files."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        path = adapter_dir / name
+        if path.is_file():
+            with path.open("rb") as file:
+                digest.update(name.encode())
+                digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()[:8]
 
 
 @dataclass
@@ -123,7 +140,7 @@ def apply_adapter(model: Any, adapter_dir: Path, required: bool = True) -> tuple
     if leftover:
         raise ModelLoadError(f"merging the adapter left {leftover} LoRA layers unmerged")
     logger.info("adapter %s: %d LoRA modules matched and merged", adapter_dir, lora_modules)
-    return merged, AdapterReport(str(adapter_dir), lora_modules, lora_modules)
+    return merged, AdapterReport(str(adapter_dir), lora_modules, lora_modules, adapter_digest(adapter_dir))
 
 
 def quantize(model: Any, placement: Placement) -> tuple[Any, Placement]:

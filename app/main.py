@@ -13,9 +13,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import SERVICE_NAME, __version__
 from .access import AccessLogMiddleware
 from .api import router
-from .docs import declare_api_key, install_docs
+from .docs import add_schemas, declare_api_key, install_docs
 from .envelope import install_error_handlers
 from .gate import InferGate
+from .openai_api import router as openai_router
+from .openai_protocol import ChatCompletionRequest
 from .requestid import RequestIdMiddleware, install_log_record_factory
 from .runner import ABORT_FLUSH_S, shutdown_error
 from .serving import InferenceService
@@ -61,9 +63,13 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     install_docs(app)
+    add_schemas(app, ChatCompletionRequest)
     if settings.api_key:
-        declare_api_key(app, [("/infer", "post")] + ([("/metrics", "get")] if settings.metrics_require_key else []))
+        declare_api_key(app, [("/infer", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
+                              ("/v1/models/{model_id}", "get")]
+                        + ([("/metrics", "get")] if settings.metrics_require_key else []))
     # Added last = outermost: the request id exists before the access log and the gate run.
     app.add_middleware(InferGate, service_getter=lambda: app.state.service)
     app.add_middleware(AccessLogMiddleware, metrics_getter=lambda: app.state.service.prometheus)

@@ -17,12 +17,14 @@ from prometheus_client.exposition import choose_encoder
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 FAST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
-ENDPOINTS = ("/infer", "/health", "/metrics", "/", "/docs", "/openapi.json")
+ENDPOINTS = ("/infer", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", "/docs", "/openapi.json")
 FINISH_REASONS = ("stop", "length", "repetition", "timeout", "cancelled")
 
 
 def endpoint_label(path: str) -> str:
     """Bounded label values: unknown paths (404 probes) all count as 'other'."""
+    if path.startswith("/v1/models/"):
+        return "/v1/models"
     return path if path in ENDPOINTS else "other"
 
 
@@ -34,8 +36,9 @@ class Metrics:
         GCCollector(registry=registry)
         self.requests = Counter("vlm_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=registry)
-        self.request_duration = Histogram("vlm_request_duration_seconds", "Time to answer /infer, end to end",
-                                          buckets=SECONDS_BUCKETS, registry=registry)
+        self.request_duration = Histogram("vlm_request_duration_seconds",
+                                          "Time to answer an inference request, end to end (a stream: to its "
+                                          "last event)", ["route"], buckets=SECONDS_BUCKETS, registry=registry)
         self.queue_wait = Histogram("vlm_queue_wait_seconds", "Time an /infer request waited for a KV slot",
                                     buckets=SECONDS_BUCKETS, registry=registry)
         self.preprocess = Histogram("vlm_preprocess_duration_seconds",
@@ -60,8 +63,8 @@ class Metrics:
                                                       "Generated tokens per request", buckets=TOKEN_BUCKETS,
                                                       registry=registry)
         self.finish_reasons = Counter("vlm_finish_reason", "Why generation ended", ["reason"], registry=registry)
-        self.rejected = Counter("vlm_rejected_requests", "Requests refused, by reason", ["reason"],
-                                registry=registry)
+        self.rejected = Counter("vlm_rejected_requests", "Inference requests refused, by route and reason",
+                                ["route", "reason"], registry=registry)
         self.queue_depth = Gauge("vlm_queue_depth", "Admitted /infer requests waiting for the model",
                                  registry=registry)
         self.in_flight = Gauge("vlm_in_flight_requests", "/infer requests running on the model", registry=registry)

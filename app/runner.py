@@ -4,13 +4,14 @@ the model thread that runs the scheduler step after step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from .errors import DeadlineExceededError, NotReadyError, OverloadedError
 from .scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler
@@ -56,22 +57,52 @@ class Ticket:
             self._runner._pending -= 1
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+class Delivery:
+    """What the model thread hands one waiting request: its tokens as they come (streaming requests only),
+    then its result or an error. Holds at most the request's max_new_tokens tokens, and they are taken away
+    at every ``take``."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._tokens: list[int] = []
+        self.outcome: GenerationResult | BaseException | None = None
+        self._arrived = asyncio.Event()
 
-def _hand_over(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any,
-               error: BaseException | None) -> None:
-    """From the model thread to the request's coroutine."""
-    try:
-        loop.call_soon_threadsafe(_settle, future, result, error)
-    except RuntimeError:  # the event loop is closed (shutting down): nobody is waiting any more
-        pass
+    # --- the model thread: in order, through the event loop, so every token lands before the outcome ---
+    def token(self, token: int) -> None:
+        self._post(self._add_token, token)
+
+    def finish(self, result: GenerationResult) -> None:
+        self._post(self.end, result)
+
+    def fail(self, error: BaseException) -> None:
+        self._post(self.end, error)
+
+    def _post(self, callback: Callable[[Any], None], item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, item)
+        except RuntimeError:  # the event loop is closed (shutting down): nobody is waiting any more
+            pass
+
+    # --- the event loop ---------------------------------------------------------------------------
+    def _add_token(self, token: int) -> None:
+        self._tokens.append(token)
+        self._arrived.set()
+
+    def end(self, outcome: GenerationResult | BaseException) -> None:
+        """The first outcome wins (an abort at shutdown may come before the model thread's own)."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self._arrived.set()
+
+    async def take(self, timeout_s: float) -> list[int]:
+        """The tokens that arrived since the last call, waiting up to ``timeout_s`` for one or the outcome."""
+        if not self._tokens and self.outcome is None:
+            await asyncio.wait_for(self._arrived.wait(), timeout_s if timeout_s > 0 else 0)
+        tokens, self._tokens = self._tokens, []
+        if self.outcome is None:
+            self._arrived.clear()
+        return tokens
 
 
 _STOP = object()
@@ -104,7 +135,7 @@ class Runner:
         self._pending = 0  # admitted and not answered (event loop only)
         self._waiting = 0  # admitted and without a KV slot yet
         self._lock = threading.Lock()  # _waiting changes on both threads
-        self._answers: dict[asyncio.Future, Sequence] = {}  # requests waiting for the model thread's answer
+        self._deliveries: dict[Delivery, Sequence] = {}  # requests waiting for the model thread's answer
         self._abort_error: BaseException | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -172,28 +203,51 @@ class Runner:
         return Ticket(self)
 
     async def generate(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, *,
-                       timeout_s: float | None = None) -> GenerationResult:
+                       timeout_s: float) -> GenerationResult:
         """Queue one sequence for the model thread and wait for its result. Past ``timeout_s``, or if the
         caller is cancelled (client disconnect), its cancel flag is set: it leaves its slot at the next step."""
+        async with contextlib.aclosing(self._run(inputs, max_new_tokens, ticket, timeout_s, streaming=False)) as run:
+            async for item in run:
+                if isinstance(item, GenerationResult):
+                    return item
+        raise AssertionError("a generation ended without a result")  # _run always ends with one or raises
+
+    def stream(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, *,
+               timeout_s: float) -> AsyncIterator[list[int] | GenerationResult]:
+        """Like ``generate``, but yields the new tokens as they come (those that arrived since the last yield,
+        so a slow reader never holds up the model thread) and then the result. Closing the iterator early
+        stops the generation at the next step."""
+        return self._run(inputs, max_new_tokens, ticket, timeout_s, streaming=True)
+
+    async def _run(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, timeout_s: float,
+                   streaming: bool) -> AsyncIterator[list[int] | GenerationResult]:
         if self._abort_error is not None:
             raise self._abort_error
         loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-        sequence = Sequence(inputs, max_new_tokens, on_start=ticket.started,
-                            on_done=lambda result: _hand_over(loop, future, result, None),
-                            on_error=lambda error: _hand_over(loop, future, None, error))
-        self._answers[future] = sequence
+        delivery = Delivery(loop)
+        sequence = Sequence(inputs, max_new_tokens, on_start=ticket.started, on_done=delivery.finish,
+                            on_error=delivery.fail, on_token=delivery.token if streaming else None)
+        deadline = loop.time() + timeout_s
+        self._deliveries[delivery] = sequence
         self._inbox.put(sequence)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except asyncio.TimeoutError:
-            sequence.cancel.set()
-            raise DeadlineExceededError(f"the request did not finish within {timeout_s:g} s") from None
-        except asyncio.CancelledError:
-            sequence.cancel.set()
-            raise
-        finally:
-            self._answers.pop(future, None)
+            while True:
+                try:
+                    tokens = await delivery.take(deadline - loop.time())
+                except asyncio.TimeoutError:
+                    raise DeadlineExceededError("the request passed its deadline (REQUEST_TIMEOUT_S) while "
+                                                f"generating, {timeout_s:.1f} s after it was queued") from None
+                if tokens:
+                    yield tokens
+                if isinstance(delivery.outcome, BaseException):
+                    raise delivery.outcome
+                if delivery.outcome is not None:
+                    yield delivery.outcome
+                    return
+        finally:  # deadline, disconnect, error, or a reader that stopped early: free the slot at the next step
+            if delivery.outcome is None:
+                sequence.cancel.set()
+            self._deliveries.pop(delivery, None)
 
     def _serve(self) -> None:
         """The model thread's life after loading: take in what arrived, run one scheduler step, repeat;
@@ -225,9 +279,9 @@ class Runner:
         those that reach it later), and its generation stops at the next step. Runs on the event loop."""
         self.begin_drain()
         self._abort_error = error
-        for future, sequence in list(self._answers.items()):
+        for delivery, sequence in list(self._deliveries.items()):
             sequence.cancel.set()
-            _settle(future, None, error)
+            delivery.end(error)
 
     async def wait_idle(self, grace_s: float) -> bool:
         """Wait until no admitted request is left, up to ``grace_s``; True when idle."""

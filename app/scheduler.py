@@ -110,6 +110,8 @@ class Scheduler:
 
     def _advance(self, sequence: Sequence, token: int) -> None:
         sequence.append(token)
+        if sequence.on_token is not None:
+            sequence.on_token(token)
         reason = self.rules.reason(sequence)
         if reason is not None:
             self.running.remove(sequence)

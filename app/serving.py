@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import AsyncIterator, Callable, Iterator
 
 from PIL import Image
 
@@ -26,7 +27,7 @@ from .protocol import (HealthResponse, InferMetadata, InferResponse, KVCacheInfo
 from .requestid import current_request_id
 from .runner import ModelState, Runner, Ticket
 from .scheduler import generate
-from .sequence import Sequence
+from .sequence import PreparedInputs, Sequence
 from .settings import Settings, removed_settings_in
 from .stats import InferenceStats, gpu_memory_bytes, gpu_memory_gb
 from .table import TableNotFoundError, parse_table
@@ -39,6 +40,22 @@ class InferParams:
     prompt: str | None = None
     max_new_tokens: int | None = None
     page: int = 1
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """An admitted request whose file is decoded and whose model inputs are built: all that generation needs."""
+
+    engine: Engine
+    image: PreparedImage
+    inputs: PreparedInputs
+    max_new_tokens: int
+    ticket: Ticket
+    ready_at: float
+    deadline: float
+
+    def time_left_s(self) -> float:
+        return max(self.deadline - time.perf_counter(), 0.001)
 
 
 def blank_diagram() -> Image.Image:
@@ -101,6 +118,7 @@ class InferenceService:
         self.prometheus.device_fallback.set_function(
             lambda: 1 if self.placement is not None and self.placement.device_fallback else 0)
         self.placement: Placement | None = None
+        self.loaded_at: int | None = None  # Unix time the model became ready
 
     # --- lifecycle -------------------------------------------------------------------------------
     def build_engine(self) -> Engine:
@@ -138,6 +156,7 @@ class InferenceService:
         await self.runner.load(self.engine_factory, self.decoder.warm())
         engine = self.runner.engine
         if engine is not None:
+            self.loaded_at = int(time.time())
             loaded = engine.loaded
             self.prometheus.model_load.set(self.runner.load_time_s or 0.0)
             self.prometheus.slots.set(engine.max_rows)
@@ -150,32 +169,66 @@ class InferenceService:
         self.decoder.close()
 
     # --- inference -------------------------------------------------------------------------------
-    async def infer(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
-        engine = self.runner.engine
-        prompt, max_new_tokens = self._request_options(engine, params)
-        started = ticket.admitted_at
-        deadline = started + self.settings.request_timeout_s
-        try:
+    async def prepare(self, data: bytes, params: InferParams, ticket: Ticket) -> PreparedRequest:
+        """Check the options, decode the file and build the model inputs: every 4xx a request can earn
+        happens here, before any generation (and before a stream's first byte)."""
+        with self._accounted():
+            engine = self.runner.engine
+            prompt, max_new_tokens = self._request_options(engine, params)
+            deadline = ticket.admitted_at + self.settings.request_timeout_s
             prepared = await self._decode(data, engine, params.page, deadline)
             # Tokens and image patches here, in parallel with the steps the model thread is running.
             inputs = await asyncio.to_thread(self._prepare, engine, prepared.image, prompt)
-            ready = time.perf_counter()
-            result = await self.runner.generate(inputs, max_new_tokens, ticket,
-                                                timeout_s=max(deadline - ready, 0.001))
+            return PreparedRequest(engine, prepared, inputs, max_new_tokens, ticket, time.perf_counter(), deadline)
+
+    async def infer(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
+        return await self.complete(await self.prepare(data, params, ticket))
+
+    async def complete(self, request: PreparedRequest) -> InferResponse:
+        """Generate the whole answer, then respond."""
+        with self._accounted():
+            result = await self.runner.generate(request.inputs, request.max_new_tokens, request.ticket,
+                                                timeout_s=request.time_left_s())
+        return self.respond(request, result)
+
+    async def stream(self, request: PreparedRequest) -> AsyncIterator[list[int] | GenerationResult]:
+        """The generation's new tokens as they come, then its result (pass it to ``respond``). Closing the
+        iterator early (the client went away) stops the generation at the next step."""
+        result: GenerationResult | None = None
+        with self._accounted():
+            async with contextlib.aclosing(self.runner.stream(request.inputs, request.max_new_tokens,
+                                                              request.ticket, timeout_s=request.time_left_s())) as run:
+                async for item in run:
+                    if isinstance(item, GenerationResult):
+                        result = item
+                        break
+                    yield item
+        if result is not None:  # outside the accounting: a reader that stops after the result abandoned nothing
+            yield result
+
+    def respond(self, request: PreparedRequest, result: GenerationResult) -> InferResponse:
+        """Count a finished generation and shape its answer."""
+        finished = time.perf_counter()
+        started = request.ticket.admitted_at
+        self.stats.record_success(finished - started, result.prompt_tokens, result.completion_tokens)
+        metadata = self._metadata(request.engine, request.image, result, finished - started, result.queue_time_s,
+                                  request.ready_at - started, request.max_new_tokens)
+        self._observe(metadata, result)
+        return build_response(result.text, metadata)
+
+    @contextlib.contextmanager
+    def _accounted(self) -> Iterator[None]:
+        """Failures and abandoned requests counted the same way on every route."""
+        try:
+            yield
         except ServiceError as error:
             self.stats.failed_count += 1
             if isinstance(error, DeadlineExceededError):
                 self.prometheus.finish_reasons.labels("timeout").inc()
             raise
-        except asyncio.CancelledError:  # the client went away: its generation stops at the next step
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away: its generation stops at the next step
             self.prometheus.finish_reasons.labels("cancelled").inc()
             raise
-        finished = time.perf_counter()
-        self.stats.record_success(finished - started, result.prompt_tokens, result.completion_tokens)
-        metadata = self._metadata(engine, prepared, result, finished - started, result.queue_time_s,
-                                  ready - started, max_new_tokens)
-        self._observe(metadata, result)
-        return build_response(result.text, metadata)
 
     def _observe(self, metadata: InferMetadata, result: GenerationResult) -> None:
         metrics = self.prometheus

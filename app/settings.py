@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="how long in-flight requests may finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, /infer requires it")
     metrics_require_key: bool = Field(False, description="also require API_KEY on /metrics")
+    served_model_name: str = Field("", description="the model id of /v1/models and the OpenAI-compatible API; "
+                                   "empty: BASE_MODEL_ID+lora-<adapter digest>")
+    allowed_image_hosts: str = Field("", description="comma-separated hosts whose http(s) image URLs "
+                                     "/v1/chat/completions may fetch ('*.example.com' for subdomains); empty: "
+                                     "none, images come as data: URLs")
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="longest an allowed image URL may take to fetch")
     cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
                                               "page ('*' for any); empty: none")
     force_max_new_tokens: bool = Field(False, description="benchmarks only: never stop before max_new_tokens")

@@ -84,8 +84,11 @@ class FakeEngine:
     def release_all(self) -> None:
         self.occupants.clear()
 
-    def detokenize(self, tokens: list[int]) -> str:
+    def decode_tokens(self, tokens: list[int]) -> str:
         return self.text if tokens and tokens[-1] == self.EOS else ""
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.decode_tokens(tokens).strip()
 
 
 def fake_factory(engine: FakeEngine | None = None, load_s: float = 0.0, error: Exception | None = None):

@@ -147,7 +147,7 @@ def test_stalled_uploads_and_silent_connections_do_not_lock_anyone_out(tiny_mode
             sock.close()
     assert 'vlm_requests_total{endpoint="/infer",status="499"} 1.0' in metrics
     assert 'vlm_requests_total{endpoint="/infer",status="400"}' not in metrics
-    assert 'vlm_rejected_requests_total{reason="upload_timeout"} 16.0' in metrics
+    assert 'vlm_rejected_requests_total{reason="upload_timeout",route="/infer"} 16.0' in metrics
 
 
 def test_a_pdf_form_bomb_is_a_400_within_the_decode_timeout_and_blocks_nobody(tiny_model_dir):

@@ -41,7 +41,8 @@ def test_counters_and_histograms_move_after_infer(client):
     after = scrape(client)
     ok = 'vlm_requests_total{endpoint="/infer",status="200"}'
     assert after[ok] == before.get(ok, 0) + 1
-    assert after["vlm_request_duration_seconds_count"] == before["vlm_request_duration_seconds_count"] + 1
+    duration = 'vlm_request_duration_seconds_count{route="/infer"}'
+    assert after[duration] == before.get(duration, 0) + 1
     assert after["vlm_time_to_first_token_seconds_count"] == before["vlm_time_to_first_token_seconds_count"] + 1
     assert after["vlm_queue_wait_seconds_count"] > before["vlm_queue_wait_seconds_count"]
     generated = body["metadata"]["completion_tokens"]
@@ -64,7 +65,8 @@ def test_health_and_metrics_are_not_inference_traffic(client):
     client.get("/health")
     client.get("/metrics")
     after = scrape(client)
-    assert after["vlm_request_duration_seconds_count"] == before["vlm_request_duration_seconds_count"]
+    duration = 'vlm_request_duration_seconds_count{route="/infer"}'
+    assert after.get(duration) == before.get(duration)
     assert after['vlm_requests_total{endpoint="/health",status="200"}'] >= 1
 
 
@@ -73,7 +75,7 @@ def test_rejections_are_counted_by_reason(client):
     response = client.post("/infer", files={"file": ("x.bin", b"\x00\x01junk", "application/octet-stream")})
     assert response.status_code == 415
     after = scrape(client)
-    key = 'vlm_rejected_requests_total{reason="unsupported_media_type"}'
+    key = 'vlm_rejected_requests_total{reason="unsupported_media_type",route="/infer"}'
     assert after[key] == before.get(key, 0) + 1
 
 
