@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .settings import SettingsError, load_settings
+from app.settings import SettingsError, load_settings
 
 
 def main() -> int:
@@ -13,10 +13,10 @@ def main() -> int:
     except SettingsError as error:
         print(f"vlm-inference: cannot start:\n{error}", file=sys.stderr)
         return 2
-    from .logs import configure_logging
-    from .main import create_app
-    from .server import serve
-    from .serving import InferenceService
+    from app.http.app import create_app
+    from app.http.server import serve
+    from app.logs import configure_logging
+    from app.service.inference import InferenceService
 
     configure_logging(settings)
     service = InferenceService(settings)

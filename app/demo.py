@@ -88,7 +88,7 @@ DEMO_PARAMS = {
 }
 
 
-def build_tokenizer(out_dir: Path):
+def build_tokenizer():
     """Train a byte-level BPE on the corpus and wrap it as Qwen's tokenizer class."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
@@ -174,7 +174,7 @@ def build(out_dir: str | os.PathLike) -> Path:
     transformers_logging.disable_progress_bar()  # a few-kB model needs no progress bar
     out = Path(out_dir)
     base_dir, adapter_dir = out / "base-model", out / "weights"
-    tokenizer = build_tokenizer(base_dir)
+    tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     model = build_model(tokenizer)
     model.save_pretrained(str(base_dir))

@@ -1,6 +1,11 @@
-"""The service's error taxonomy: each class fixes one HTTP status and one machine-readable type."""
+"""The service's error taxonomy: each ServiceError fixes one HTTP status and one machine-readable type; a
+ModelLoadError is a load that cannot succeed."""
 
 from __future__ import annotations
+
+
+class ModelLoadError(Exception):
+    """The model or adapter cannot be served; the message says what to fix, on one line (/health's reason)."""
 
 
 class ServiceError(Exception):

@@ -7,8 +7,8 @@ import logging
 import re
 from datetime import datetime, timezone
 
-from .requestid import install_log_record_factory
-from .settings import LogFormat, Settings
+from app.request_context import install_log_record_factory
+from app.settings import LogFormat, Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 

@@ -39,7 +39,7 @@ class Metrics:
         self.request_duration = Histogram("vlm_request_duration_seconds",
                                           "Time to answer an inference request, end to end (a stream: to its "
                                           "last event)", ["route"], buckets=SECONDS_BUCKETS, registry=registry)
-        self.queue_wait = Histogram("vlm_queue_wait_seconds", "Time an /infer request waited for a KV slot",
+        self.queue_wait = Histogram("vlm_queue_wait_seconds", "Time an inference request waited for a KV slot",
                                     buckets=SECONDS_BUCKETS, registry=registry)
         self.preprocess = Histogram("vlm_preprocess_duration_seconds",
                                     "Decoding the upload and building model inputs", buckets=FAST_BUCKETS,
@@ -63,11 +63,18 @@ class Metrics:
                                                       "Generated tokens per request", buckets=TOKEN_BUCKETS,
                                                       registry=registry)
         self.finish_reasons = Counter("vlm_finish_reason", "Why generation ended", ["reason"], registry=registry)
-        self.rejected = Counter("vlm_rejected_requests", "Inference requests refused, by route and reason",
-                                ["route", "reason"], registry=registry)
-        self.queue_depth = Gauge("vlm_queue_depth", "Admitted /infer requests waiting for the model",
+        self.inference_duration = Histogram("vlm_inference_duration_seconds",
+                                            "Answered inference requests: from admission to the answer",
+                                            buckets=SECONDS_BUCKETS, registry=registry)
+        self.rejected = Counter("vlm_rejected_requests", "Inference requests refused at the door, before admission "
+                                "(wrong key, body too large or too slow, not ready, overloaded)", ["route", "reason"],
+                                registry=registry)
+        self.failed = Counter("vlm_failed_requests", "Admitted inference requests that ended in an error instead of "
+                              "an answer (bad input, deadline, shutdown, internal or device error)", ["route", "reason"],
+                              registry=registry)
+        self.queue_depth = Gauge("vlm_queue_depth", "Admitted inference requests without a KV slot yet",
                                  registry=registry)
-        self.in_flight = Gauge("vlm_in_flight_requests", "/infer requests running on the model", registry=registry)
+        self.in_flight = Gauge("vlm_in_flight_requests", "Inference requests holding a KV slot", registry=registry)
         self.slots_in_use = Gauge("vlm_kv_slots_in_use", "KV-cache slots held by requests", registry=registry)
         self.slots = Gauge("vlm_kv_slots", "KV-cache slots allocated (MAX_BATCH_SIZE)", registry=registry)
         self.model_load = Gauge("vlm_model_load_seconds", "Seconds the model took to load, merge and warm up",
@@ -83,6 +90,13 @@ class Metrics:
         for reason in FINISH_REASONS:  # export zeros, so rate() works from the first scrape
             self.finish_reasons.labels(reason)
 
+    @staticmethod
+    def total(metric: Counter | Histogram, sample: str = "_total") -> float:
+        """One sample of a metric summed over its labels: a counter's ``_total``, a histogram's ``_count`` or
+        ``_sum``. The JSON view of /metrics reads its numbers here, so both views always agree."""
+        return sum(value.value for family in metric.collect() for value in family.samples
+                   if value.name.endswith(sample))
+
     def render(self, accept: str) -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (OpenMetrics or text 0.0.4)."""
         encoder, content_type = choose_encoder(accept)
@@ -95,3 +109,18 @@ def wants_prometheus(accept: str, format_param: str | None) -> bool:
         return format_param.lower() in ("prometheus", "openmetrics", "text")
     accept = accept.lower()
     return "text/plain" in accept or "application/openmetrics-text" in accept
+
+
+def cuda_in_use() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def gpu_memory_bytes() -> tuple[int, int]:
+    """(allocated, reserved) bytes on the current CUDA device; zeros without CUDA."""
+    import torch
+
+    if not cuda_in_use():
+        return 0, 0
+    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()

@@ -66,12 +66,12 @@ class Settings(BaseSettings):
         Quantization.none, description="int8: int8 language-model weights (CPU: for decoding; CUDA: bitsandbytes)")
     max_new_tokens: int = Field(384, ge=1, le=8192, description="cap on generated tokens per request")
     prompt: str = Field(DEFAULT_PROMPT, min_length=1)
-    hf_home: str | None = Field(None, description="Hugging Face cache root (read by huggingface_hub itself)")
     host: str = "0.0.0.0"
     port: int = Field(8002, ge=1, le=65535)
     log_level: LogLevel = LogLevel.INFO
     log_format: LogFormat = Field(LogFormat.text, description="text for local runs; the container sets json")
-    max_queue: int = Field(8, ge=0, le=10_000, description="requests allowed to wait for a KV slot")
+    max_queue: int = Field(8, ge=0, le=10_000, description="admitted requests allowed beyond one per KV slot; "
+                                                          "more are refused at once (503 overloaded)")
     max_batch_size: int | None = Field(None, ge=1, le=256,
                                        description="KV-cache slots = requests decoded together; "
                                                    "unset: 32 on CUDA, 8 elsewhere")
@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("api_key", "hf_home", "model_revision", mode="before")
+    @field_validator("api_key", "model_revision", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from app.quantize import Int8DecodeLinear, quantize_int8_decode  # random_model put the repository root on sys.path
+from app.model.quantize import (  # random_model put the repository root on sys.path
+    Int8DecodeLinear,
+    quantize_int8_decode,
+)
 
 MID_SIZE_CONFIG = Path(__file__).with_name("qwen3_vl_mid_config.json")
 

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor  # noqa: E402
 
-from app.device import Placement  # noqa: E402
-from app.engine import Engine, EngineLimits, ServingDefaults  # noqa: E402
-from app.loader import LoadedModel  # noqa: E402
-from app.scheduler import generate  # noqa: E402
-from app.sequence import Sequence  # noqa: E402
+from app.model.device import Placement  # noqa: E402
+from app.model.engine import Engine, EngineLimits, ServingDefaults  # noqa: E402
+from app.model.loader import LoadedModel  # noqa: E402
+from app.model.scheduler import generate  # noqa: E402
+from app.model.sequence import Sequence  # noqa: E402
 
 PROMPT = "Extract the table."
 

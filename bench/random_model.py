@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,8 +20,7 @@ FULL_SIZE_CONFIG = Path(__file__).with_name("qwen3_vl_2b_config.json")
 
 
 def tokenizer_and_processor():
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp))
+    tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     # The production processor's pixel bounds (Qwen3-VL: 64x64 up to 16M pixels); the service's own
     # MAX_IMAGE_TOKENS budget is what limits the image in practice.

@@ -41,7 +41,7 @@ def tiny_client(tiny_model_dir):
     """The real app serving the tiny model (float32), loaded once per test module."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from app.http.app import create_app
     from app.settings import Settings
 
     from .helpers import wait_for_status

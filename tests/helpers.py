@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import torch
 from PIL import Image, ImageDraw
 
-from app.device import Placement
-from app.engine import ServingDefaults
-from app.imaging import VisionGeometry
-from app.sequence import PreparedInputs, StopRules
+from app.model.device import Placement
+from app.model.engine import ServingDefaults
+from app.model.sequence import PreparedInputs, StopRules
+from app.pipeline.imaging import VisionGeometry
 
 TABLE = "| № | Наименование действия | Роль |\n|---|---|---|\n| 1 | Принять заявку | Менеджер |"
 

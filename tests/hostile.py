@@ -7,7 +7,7 @@ def hostile_decode(data: bytes, geometry, **options):
     """A decoder stand-in for the pool tests: b"SPIN" never returns, b"CRASH" kills its process."""
     import os
 
-    from app.imaging import prepare_image
+    from app.pipeline.imaging import prepare_image
 
     if data.startswith(b"SPIN"):
         while True:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.bpmn import ExpectedRow, expected_rows
+from tools.bpmn import ExpectedRow, expected_rows
 
 NS = 'xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"'
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from app.decoder import DecoderPool
 from app.errors import DeadlineExceededError, InvalidImageError, UnsupportedMediaError
-from app.imaging import VisionGeometry
+from app.pipeline.decode_pool import DecoderPool
+from app.pipeline.imaging import VisionGeometry
 
 from .helpers import diagram_png
 from .hostile import hostile_decode
@@ -77,7 +77,7 @@ def test_workers_exit_when_their_server_is_killed(tmp_path):
     import sys
 
     script = ("import asyncio, os, sys\n"
-              "from app.decoder import DecoderPool\n"
+              "from app.pipeline.decode_pool import DecoderPool\n"
               "pool = DecoderPool(2)\n"
               "asyncio.run(pool.warm())\n"
               "print(' '.join(str(p) for p in pool._pool._processes), flush=True)\n"

@@ -8,11 +8,11 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from app.bpmn import ExpectedRow
-from app.eval import evaluate, format_report, read_expected, score_rows
-from app.main import create_app
-from app.serving import InferenceService
+from app.http.app import create_app
+from app.service.inference import InferenceService
 from app.settings import Settings
+from tools.bpmn import ExpectedRow
+from tools.eval import evaluate, format_report, read_expected, score_rows
 
 from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status
 from .test_bpmn import LANES

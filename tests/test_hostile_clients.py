@@ -21,11 +21,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.decoder import DecoderPool
 from app.errors import InvalidImageError
-from app.imaging import VisionGeometry, prepare_image
-from app.main import create_app
-from app.serving import InferenceService
+from app.http.app import create_app
+from app.pipeline.decode_pool import DecoderPool
+from app.pipeline.imaging import VisionGeometry, prepare_image
+from app.service.inference import InferenceService
 from app.settings import Settings
 
 from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status
@@ -278,7 +278,7 @@ def test_a_16_bit_scan_decodes_without_float64_copies(tmp_path):
     del pixels
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so the child would report pytest's own peak.
     script = ("import sys; sys.path.insert(0, sys.argv[2])\n"
-              "from app.imaging import prepare_image, VisionGeometry\n"
+              "from app.pipeline.imaging import prepare_image, VisionGeometry\n"
               "prepare_image(open(sys.argv[1], 'rb').read(), VisionGeometry(32, 4096, 32 * 32 * 1024))\n"
               "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

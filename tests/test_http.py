@@ -8,8 +8,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.serving import InferenceService
+from app.http.app import create_app
+from app.service.inference import InferenceService
 from app.settings import Settings
 
 from .helpers import TABLE, FakeEngine, diagram_png, fake_factory, wait_for_status

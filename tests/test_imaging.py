@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from app.errors import InvalidImageError, InvalidRequestError, PayloadTooLargeError, ServiceError, UnsupportedMediaError
-from app.imaging import VisionGeometry, model_size, prepare_image, sniff_format
+from app.pipeline.imaging import VisionGeometry, model_size, prepare_image, sniff_format
 
 from .helpers import diagram_png
 

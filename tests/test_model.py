@@ -13,10 +13,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from app.device import resolve_placement
-from app.engine import Engine, ServingDefaults
-from app.loader import ModelLoadError, load_model
-from app.main import create_app
+from app.errors import ModelLoadError
+from app.http.app import create_app
+from app.model.device import resolve_placement
+from app.model.engine import Engine, ServingDefaults
+from app.model.loader import load_model
 from app.settings import Device, TorchDType
 
 from .helpers import diagram_png, wait_for_status

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.logs import JsonFormatter
+from fastapi.testclient import TestClient
 
-from .helpers import diagram_png
+from app.http.app import create_app
+from app.logs import JsonFormatter
+from app.model.sequence import PreparedInputs
+from app.service.inference import InferenceService
+from app.settings import Settings
+
+from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +78,12 @@ def test_health_and_metrics_are_not_inference_traffic(client):
     assert after['vlm_requests_total{endpoint="/health",status="200"}'] >= 1
 
 
-def test_rejections_are_counted_by_reason(client):
+def test_failures_after_admission_are_counted_by_reason(client):
     before = scrape(client)
     response = client.post("/infer", files={"file": ("x.bin", b"\x00\x01junk", "application/octet-stream")})
     assert response.status_code == 415
     after = scrape(client)
-    key = 'vlm_rejected_requests_total{reason="unsupported_media_type",route="/infer"}'
+    key = 'vlm_failed_requests_total{reason="unsupported_media_type",route="/infer"}'
     assert after[key] == before.get(key, 0) + 1
 
 
@@ -121,3 +129,52 @@ def test_json_formatter_writes_one_parseable_object():
     parsed = json.loads(line)
     assert parsed["request_id"] == "abc" and parsed["message"] == "POST /infer 200"
     assert parsed["image_size"] == [10, 20] and "\n" not in line
+
+
+class ExplodingEngine(FakeEngine):
+    """Fails the decoding step of a request whose prompt is "explode", as a device error would."""
+
+    def prepare(self, image, prompt) -> PreparedInputs:
+        return PreparedInputs({"explode": prompt == "explode"}, prompt_tokens=10, image_tokens=4)
+
+    def decode(self, sequences) -> list[int]:
+        if any(sequence.inputs.tensors["explode"] for sequence in sequences):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().decode(sequences)
+
+
+def test_json_metrics_and_prometheus_agree_after_a_mix_of_outcomes():
+    engine = ExplodingEngine(max_rows=1)
+    settings = Settings(api_key="k", max_queue=0, max_upload_mb=0.05)
+    service = InferenceService(settings, engine_factory=fake_factory(engine))
+    key = {"X-API-Key": "k"}
+
+    def post(data: bytes = diagram_png(), headers=key, **form):
+        return client.post("/infer", files={"file": ("d.png", data, "image/png")}, data=form, headers=headers)
+
+    with TestClient(create_app(service=service), raise_server_exceptions=False) as client:
+        wait_for_status(client, "healthy")
+        assert [post().status_code for _ in range(2)] == [200, 200]
+        assert post(b"not a picture").status_code == 415  # admitted, then failed
+        assert post(prompt="explode").status_code == 500  # admitted, then the device failed
+        assert post(headers={}).status_code == 401  # refused at the door
+        assert post(b"x" * 100_000).status_code == 413  # refused at the door
+        engine.generate_s = 1.0
+        running = threading.Thread(target=post)
+        running.start()
+        time.sleep(0.3)
+        assert post().status_code == 503  # the only slot is busy and no queue: refused at the door
+        running.join()
+        as_json = client.get("/metrics", headers=key).json()
+        prometheus = scrape(client)
+
+    def total(name: str) -> float:
+        return sum(value for sample, value in prometheus.items() if sample.split("{")[0] == name)
+
+    assert as_json["inference_count"] == total("vlm_inference_duration_seconds_count") == 3
+    assert as_json["total_inference_time"] == pytest.approx(total("vlm_inference_duration_seconds_sum"), abs=1e-3)
+    assert as_json["failed_count"] == total("vlm_failed_requests_total") == 2
+    assert prometheus['vlm_failed_requests_total{reason="internal_error",route="/infer"}'] == 1
+    assert as_json["rejected_count"] == total("vlm_rejected_requests_total") == 3
+    assert as_json["prompt_tokens_total"] == total("vlm_prompt_tokens_total") == 30
+    assert as_json["completion_tokens_total"] == total("vlm_generated_tokens_total") > 0

@@ -16,9 +16,9 @@ import openai
 import pytest
 import uvicorn
 
-from app.engine import ServingDefaults
-from app.main import create_app
-from app.serving import InferenceService
+from app.http.app import create_app
+from app.model.engine import ServingDefaults
+from app.service.inference import InferenceService
 from app.settings import Settings
 
 from .helpers import TABLE, FakeEngine, diagram_png, fake_factory
@@ -320,7 +320,7 @@ def test_metrics_carry_the_route(client, live):
     exposition = httpx.get(f"{live[0]}/metrics", headers={"Accept": "text/plain"}).text
     assert 'vlm_request_duration_seconds_count{route="/v1/chat/completions"}' in exposition
     assert 'vlm_requests_total{endpoint="/v1/chat/completions",status="200"}' in exposition
-    assert 'vlm_rejected_requests_total{reason="image_url_not_allowed",route="/v1/chat/completions"}' in exposition
+    assert 'vlm_failed_requests_total{reason="image_url_not_allowed",route="/v1/chat/completions"}' in exposition
 
 
 def test_streaming_with_the_real_tokenizer_matches_the_whole_answer(tiny_model_dir):
@@ -353,3 +353,15 @@ def test_a_stream_past_its_deadline_ends_with_an_error_event(image_host):
         assert raised.value.body["code"] == "timeout" and "REQUEST_TIMEOUT_S" in raised.value.message
         exposition = httpx.get(f"{base}/metrics", headers={"Accept": "text/plain"}).text
         assert 'vlm_finish_reason_total{reason="timeout"} 1.0' in exposition
+
+
+def test_while_loading_v1_answers_503_not_ready_in_openai_shape():
+    from fastapi.testclient import TestClient
+
+    service = InferenceService(Settings(), engine_factory=fake_factory(SpellingEngine(), load_s=2.0))
+    with TestClient(create_app(service=service)) as client:
+        for response in (client.get("/v1/models"),
+                         client.post("/v1/chat/completions", json={"model": "m", "messages": image_message(data_url())})):
+            assert response.status_code == 503 and response.headers["Retry-After"]
+            assert response.json()["error"]["code"] == "not_ready"
+            assert response.json()["error"]["type"] == "server_error"

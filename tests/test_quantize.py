@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from app.device import Placement, resolve_placement
-from app.engine import Engine, ServingDefaults
-from app.loader import ModelLoadError, load_model, quantize
-from app.quantize import DECODE_ROWS_MAX, Int8DecodeLinear, quantize_bitsandbytes
-from app.scheduler import generate
-from app.sequence import Sequence
+from app.errors import ModelLoadError
+from app.model.device import Placement, resolve_placement
+from app.model.engine import Engine, ServingDefaults
+from app.model.loader import load_model, quantize
+from app.model.quantize import DECODE_ROWS_MAX, Int8DecodeLinear, quantize_bitsandbytes
+from app.model.scheduler import generate
+from app.model.sequence import Sequence
 
 from .helpers import diagram_png
 
@@ -87,7 +88,7 @@ def test_int8_on_mps_is_refused_with_the_reason():
 
 def test_int8_on_a_cpu_without_native_bf16_warns(tiny_settings, monkeypatch, caplog):
     model = load(tiny_settings()).model
-    monkeypatch.setattr("app.loader.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("app.model.loader.cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING"):
         _, placement = quantize(model, Placement("cpu", torch.float32))
     assert placement.quantization == "int8-decode"

@@ -15,14 +15,14 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.device import resolve_placement
-from app.engine import Engine, EngineLimits, PromptTooLongError, ServingDefaults
-from app.guards import RepetitionGuard
-from app.loader import load_model
-from app.main import create_app
-from app.scheduler import Scheduler, generate
-from app.sequence import Sequence
-from app.serving import InferenceService
+from app.http.app import create_app
+from app.model.device import resolve_placement
+from app.model.engine import Engine, EngineLimits, PromptTooLongError, ServingDefaults
+from app.model.loader import load_model
+from app.model.scheduler import Scheduler, generate
+from app.model.sequence import Sequence
+from app.pipeline.repetition import RepetitionGuard
+from app.service.inference import InferenceService
 from app.settings import Settings
 
 from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status

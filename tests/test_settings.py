@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from app.device import cpu_has_native_bf16, resolve_device, resolve_dtype
+from app.model.device import cpu_has_native_bf16, resolve_device, resolve_dtype
 from app.settings import Device, SettingsError, TorchDType, load_settings
 
 

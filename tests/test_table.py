@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.guards import RepetitionGuard
-from app.table import TableNotFoundError, parse_table, to_csv, to_markdown
+from app.pipeline.repetition import RepetitionGuard
+from app.pipeline.table import TableNotFoundError, parse_table, to_csv, to_markdown
 
 CLEAN = "| № | Наименование действия | Роль |\n|---|---|---|\n| 1 | Принять заявку | Менеджер |\n" \
         "| 2 | Проверить документы | Юрист |"

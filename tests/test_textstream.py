@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.textstream import IncrementalText
+from app.pipeline.textstream import IncrementalText
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,68 @@
+"""HTTP routes of the OpenAI-compatible API (/v1): parse, call the chat-completions serving code, shape the answer.
+Errors here take OpenAI's shape (see envelope.py), so its SDKs, LiteLLM and gateways read them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from app.http.access_log import note_answer
+from app.http.chat_stream import ChunkStream
+from app.http.dependencies import ServiceDep
+from app.http.disconnect import EventStreamResponse, until_disconnect
+from app.http.docs import json_request_body
+from app.http.envelope import EnvelopedRoute, error_responses
+from app.service.chat import completion, list_models, retrieve_model, served_model_id, start_chat_completion
+from app.service.chat_schemas import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, OpenAIErrorResponse
+
+router = APIRouter(prefix="/v1", route_class=EnvelopedRoute, tags=["openai"])
+
+_DESCRIPTIONS = {
+    400: "Invalid request: not one user message with one image, a sampling option that greedy decoding cannot "
+         "honour (temperature, top_p, n, stop, ...), a remote image URL on a host not in ALLOWED_IMAGE_HOSTS or "
+         "that could not be fetched, an undecodable image, max_completion_tokens over MAX_NEW_TOKENS",
+    404: "The model named is not the one this service serves (GET /v1/models)",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return error_responses(*codes, model=OpenAIErrorResponse, descriptions=_DESCRIPTIONS)
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    summary="OpenAI-compatible: the table of a diagram sent as an image_url, whole or streamed",
+    description="One user message with one `image_url` part (a base64 `data:` URL, or an http(s) URL on a host in "
+    "`ALLOWED_IMAGE_HOSTS`) and optional text parts (the instruction; empty = the default). Decoding is greedy. "
+    "`stream: true` answers with server-sent events, token by token. Besides OpenAI's fields, the answer carries "
+    "`rows`, `table` and `table_error` (the parsed table) and `details` (timings and sizes, as POST /infer's "
+    "`metadata`).",
+    operation_id="create_chat_completion",
+    openapi_extra=json_request_body(ChatCompletionRequest),
+    responses={**_errors(400, 401, 404, 408, 413, 415, 500, 503, 504),
+               200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "a chat.completion (JSON), or with stream: true chat.completion.chunk events"}},
+)
+async def create_chat_completion(request: Request, service: ServiceDep) -> Any:
+    body = await request.body()
+    chat, prepared = await until_disconnect(
+        request, start_chat_completion(service, body, request.state.ticket))
+    if chat.stream:
+        return EventStreamResponse(ChunkStream(service, chat, prepared).events())
+    response = await until_disconnect(request, service.complete(prepared))
+    note_answer(response.metadata)
+    return completion(response, served_model_id(service))
+
+
+@router.get("/models", response_model=ModelList, summary="OpenAI-compatible: the model this service serves",
+            operation_id="list_models", responses=_errors(401, 500, 503))
+async def read_models(service: ServiceDep) -> ModelList:
+    return list_models(service)
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, summary="OpenAI-compatible: one model",
+            operation_id="retrieve_model", responses=_errors(401, 404, 500, 503))
+async def read_model(model_id: str, service: ServiceDep) -> ModelCard:
+    return retrieve_model(service, model_id)

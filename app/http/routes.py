@@ -1,0 +1,132 @@
+"""HTTP routes only: parse the request, call the service, shape the response."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+
+from app.errors import NoTableError, NotReadyError
+from app.http.access_log import note_answer
+from app.http.dependencies import ServiceDep
+from app.http.disconnect import until_disconnect
+from app.http.envelope import EnvelopedRoute, error_responses
+from app.metrics import wants_prometheus
+from app.pipeline.imaging import ACCEPTED_TEXT
+from app.pipeline.table import to_csv, to_markdown
+from app.request_context import current_request_id
+from app.service.inference import InferParams
+from app.service.schemas import ErrorBody, HealthResponse, InferResponse, MetricsResponse, ServiceInfo
+
+logger = logging.getLogger(__name__)
+router = APIRouter(route_class=EnvelopedRoute)
+
+
+@router.post(
+    "/infer",
+    response_model=InferResponse,
+    summary="Extract the steps and roles of a process diagram as a markdown table",
+    description=f"Upload a diagram as multipart field `file`. Accepted formats: {ACCEPTED_TEXT}. "
+    "Greedy decoding: the same image and prompt give the same table.",
+    operation_id="infer_diagram",
+    tags=["inference"],
+    responses={**error_responses(400, 401, 408, 413, 415, 422, 500, 503, 504),
+               200: {"content": {"text/markdown": {"schema": {"type": "string"}},
+                                 "text/csv": {"schema": {"type": "string"}}},
+                     "description": "JSON (default), or just the table as markdown or CSV (format / Accept)"}},
+)
+async def infer_diagram(
+    request: Request,
+    service: ServiceDep,
+    file: Annotated[UploadFile, File(description=f"the diagram image ({ACCEPTED_TEXT})")],
+    # Plain defaults ("" and 0), not null: Swagger UI would otherwise pre-fill "string" and 1.
+    prompt: Annotated[str, Form(description="override the instruction for this request; empty = the default",
+                                max_length=4000)] = "",
+    max_new_tokens: Annotated[int, Form(ge=0, description="cap on generated tokens, up to MAX_NEW_TOKENS; "
+                                        "0 = the default")] = 0,
+    page: Annotated[int, Form(ge=1, le=10_000, description="PDF page to read (1-based)")] = 1,
+    format: Annotated[Literal["json", "markdown", "csv"] | None,
+                      Form(description="json (default), markdown or csv (just the table); or use Accept")] = None,
+) -> Any:
+    ticket = request.state.ticket
+    data = await file.read()
+    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, page=page)
+    result = await until_disconnect(request, service.infer(data, params, ticket))
+    note_answer(result.metadata)
+    chosen = format or _format_from_accept(request.headers.get("accept", ""))
+    if chosen == "json":
+        return result
+    if result.table is None:
+        raise NoTableError(f"the answer holds no table ({result.table_error}); ask for format=json to see it")
+    render, media_type = _TABLE_FORMATS[chosen]
+    return Response(render(result.table.columns, result.table.rows), media_type=media_type)
+
+
+_TABLE_FORMATS = {"markdown": (to_markdown, "text/markdown; charset=utf-8"), "csv": (to_csv, "text/csv; charset=utf-8")}
+
+
+def _format_from_accept(accept: str) -> str:
+    accept = accept.lower()
+    if "text/markdown" in accept:
+        return "markdown"
+    return "csv" if "text/csv" in accept else "json"
+
+
+def _not_ready(health: HealthResponse, error: NotReadyError) -> JSONResponse:
+    """503 with the health body plus the error envelope's "error" object."""
+    body = health.model_dump()
+    body["error"] = ErrorBody(type=error.error_type, message=error.message,
+                              request_id=current_request_id()).model_dump()
+    return JSONResponse(body, status_code=503, headers=error.headers)
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    summary="Readiness: 200 only when the model is loaded, merged, verified and warmed up",
+    operation_id="read_health",
+    tags=["operations"],
+    responses={503: {"model": HealthResponse, "description": "loading, failed or draining"},
+               **error_responses(500)},
+)
+async def read_health(service: ServiceDep) -> Any:
+    """HEAD gives the same status without the body (load balancers that probe with HEAD)."""
+    health = service.health()
+    if health.status == "healthy":
+        return health
+    return _not_ready(health, service.runner.not_ready_error())
+
+
+router.add_api_route("/health", read_health, methods=["HEAD"], include_in_schema=False)
+
+
+@router.get(
+    "/metrics",
+    response_model=MetricsResponse,
+    summary="Counters and timings: JSON by default, Prometheus text when asked for",
+    description="JSON for browsers and `curl`. Prometheus exposition when `Accept` contains `text/plain` or "
+    "`application/openmetrics-text` (what a Prometheus server sends), or with `?format=prometheus`.",
+    operation_id="read_metrics",
+    tags=["operations"],
+    responses={**error_responses(400, 401, 500),
+               200: {"content": {"text/plain": {"schema": {"type": "string"}},
+                                 "application/openmetrics-text": {"schema": {"type": "string"}}},
+                     "description": "JSON counters, or the Prometheus exposition"}},
+)
+async def read_metrics(
+    request: Request,
+    service: ServiceDep,
+    format: Annotated[Literal["json", "prometheus"] | None, Query(description="force a format")] = None,
+) -> Any:
+    if format != "json" and wants_prometheus(request.headers.get("accept", ""), format):
+        body, content_type = service.prometheus.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+    return service.json_metrics()
+
+
+@router.get("/", response_model=ServiceInfo, summary="What this service is and where to look next",
+            operation_id="read_root", tags=["operations"], responses=error_responses(500))
+async def read_root(service: ServiceDep) -> ServiceInfo:
+    return service.info()

@@ -1,0 +1,257 @@
+"""Synchronous model work over a fixed set of KV slots: prepare a request's inputs, prefill requests into free
+slots, advance every occupied slot by one greedy token, free a slot. No web imports, no threads, no policy:
+the scheduler decides which sequences run; this decides how a step runs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BatchFeature, DynamicCache
+
+from app.model.cuda_graphs import GraphedDecodeStep
+from app.model.decode_step import DecodeStep
+from app.model.kvcache import CacheShape, SlotKVCache
+from app.model.loader import LoadedModel
+from app.model.sequence import GenerationResult, PreparedInputs, Sequence, StopRules
+from app.pipeline.imaging import VisionGeometry
+from app.pipeline.repetition import RepetitionGuard
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "GenerationResult", "PromptTooLongError", "ServingDefaults"]
+
+# The processor's per-token outputs (padded when rows are batched); the others are per image.
+TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids"})
+
+
+class PromptTooLongError(ValueError):
+    """The prompt's text does not fit the KV slot budget (MAX_PROMPT_TOKENS)."""
+
+
+@dataclass(frozen=True)
+class ServingDefaults:
+    """Per-request defaults: the environment wins, then the adapter's params.json, then built-ins."""
+
+    prompt: str
+    max_new_tokens: int
+    max_image_tokens: int
+
+    @classmethod
+    def from_sources(cls, settings: Settings, params: dict[str, Any]) -> "ServingDefaults":
+        def pick(name: str) -> Any:
+            if settings.explicitly_set(name) or name not in params:
+                return getattr(settings, name)
+            return params[name]
+
+        return cls(pick("prompt"), pick("max_new_tokens"), pick("max_image_tokens"))
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much the engine holds at once: its KV slots and what one slot must fit."""
+
+    max_rows: int = 8  # KV slots: requests decoded together
+    max_prompt_tokens: int = 1024  # text tokens of a prompt (chat template included), besides the image
+
+
+class Engine:
+    """Owns the loaded model, its processor and the slot cache; every method but ``prepare`` is for the
+    model thread. Occupied slots are kept contiguous (0..n-1), so a step runs on a prefix of the cache."""
+
+    def __init__(self, loaded: LoadedModel, defaults: ServingDefaults,
+                 repetition_guard: RepetitionGuard | None = RepetitionGuard(), force_max_new_tokens: bool = False,
+                 limits: EngineLimits = EngineLimits()):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.defaults = defaults
+        self.limits = limits
+        image_processor = self.processor.image_processor
+        factor = image_processor.patch_size * image_processor.merge_size
+        self.geometry = VisionGeometry(
+            factor=factor,
+            min_pixels=int(image_processor.size["shortest_edge"]),
+            max_pixels=min(int(image_processor.size["longest_edge"]), defaults.max_image_tokens * factor * factor),
+        )
+        self._merge = image_processor.merge_size ** 2
+        config = self.model.generation_config
+        eos = config.eos_token_id
+        eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.stop_rules = StopRules(eos_ids, force_max_new_tokens, repetition_guard)
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+        # In a prompt these would be read as structure, not text: an image placeholder breaks the processor's
+        # count of image tokens, a turn marker rewrites the conversation.
+        self.control_tokens = tuple(self.processor.tokenizer.all_special_tokens)
+        text_config = self.model.config.text_config
+        attention = self.model.model.language_model.layers[0].self_attn
+        self.max_image_tokens = self.geometry.max_pixels // (factor * factor)
+        self.cache = SlotKVCache(
+            CacheShape(layers=text_config.num_hidden_layers, slots=limits.max_rows,
+                       slot_tokens=self.max_image_tokens + limits.max_prompt_tokens + defaults.max_new_tokens,
+                       kv_heads=text_config.num_key_value_heads, head_dim=attention.head_dim),
+            dtype=self.model.dtype, device=self.model.device)
+        self._step = DecodeStep(self.model, self.cache)
+        self._run_step: DecodeStep | GraphedDecodeStep = self._step
+        self.decode_mode = "eager"
+        self.occupants: list[Sequence] = []  # occupants[i] holds slot i
+
+    @property
+    def max_rows(self) -> int:
+        return self.limits.max_rows
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self.occupants)
+
+    # --- before the queue (any thread) ------------------------------------------------------------
+    def control_tokens_in(self, prompt: str) -> list[str]:
+        return [token for token in self.control_tokens if token in prompt]
+
+    def prepare(self, image: Image.Image, prompt: str) -> PreparedInputs:
+        """One request's unpadded model inputs (chat template, token ids, image patches), on the CPU.
+
+        Safe to call from any thread. The service calls it before queueing, so one request's preprocessing
+        neither holds up the model thread nor, if it fails, the other rows."""
+        text = self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True, tokenize=False,
+        )
+        inputs = self.processor(text=[text], images=[image], return_tensors="pt")
+        image_tokens = int(inputs["image_grid_thw"].prod(dim=-1).sum()) // self._merge
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        text_tokens = prompt_tokens - image_tokens
+        if text_tokens > self.limits.max_prompt_tokens:
+            raise PromptTooLongError(f"the prompt takes {text_tokens} tokens with the chat template; this service "
+                                     f"takes at most {self.limits.max_prompt_tokens} (MAX_PROMPT_TOKENS)")
+        # The vision encoder casts the patches to its dtype first thing; casting here instead halves what a
+        # queued bfloat16 request holds (a 1024-token image is 25 MB of float32 patches).
+        tensors = {key: value.to(self.model.dtype) if value.is_floating_point() else value
+                   for key, value in inputs.items()}
+        return PreparedInputs(tensors, prompt_tokens, image_tokens)
+
+    def decode_tokens(self, tokens: list[int]) -> str:
+        """Text of some generated tokens, as they are (streaming decodes the answer piece by piece with it)."""
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The answer: the text of all its tokens, stripped."""
+        return self.decode_tokens(tokens).strip()
+
+    # --- the model thread ---------------------------------------------------------------------------
+    def capture_graphs(self) -> None:
+        """On CUDA, capture the decoding step per batch bucket; elsewhere (or if capture fails) stay eager."""
+        if self.model.device.type != "cuda":
+            return
+        if self.loaded.placement.quantization:
+            self.decode_mode = f"eager ({self.loaded.placement.quantization} kernels are not captured)"
+            logger.warning("decoding runs eagerly: %s layers are not captured as CUDA graphs",
+                           self.loaded.placement.quantization)
+            return
+        graphed = GraphedDecodeStep(self._step, self.max_rows)
+        try:
+            graphed.capture()
+        except Exception as error:  # noqa: BLE001 - eager decoding is slower but correct: keep serving
+            self._step.reset()
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self.decode_mode = f"eager (CUDA graph capture failed: {reason})"
+            logger.exception("CUDA graph capture failed; decoding eagerly")
+            return
+        self._run_step = graphed
+        self.decode_mode = "cuda-graphs"
+
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> BatchFeature:
+        """Rows from ``prepare`` as one prefill batch: per-token tensors right-padded (each row's keys and
+        values then start at position 0, as in its slot; causal attention never looks at the padding after a
+        row), per-image tensors concatenated in row order."""
+        length = max(int(row["input_ids"].shape[1]) for row in rows)
+        batch = {}
+        for key in rows[0]:
+            if key in TOKEN_KEYS:
+                fill = self.pad_token_id if key == "input_ids" else 0
+                batch[key] = torch.cat([F.pad(row[key], (0, length - row[key].shape[1]), value=fill)
+                                        for row in rows])
+            else:
+                batch[key] = torch.cat([row[key] for row in rows])
+        return BatchFeature(batch).to(self.model.device)
+
+    @torch.inference_mode()
+    def prefill(self, sequences: list[Sequence]) -> list[int]:
+        """Run the prompts (vision encoder, deepstack, M-RoPE: the model's own forward) as one batch, put each
+        one's keys and values into a free slot, and return each one's first generated token."""
+        if len(self.occupants) + len(sequences) > self.max_rows:
+            raise RuntimeError(f"{len(sequences)} sequences do not fit the {self.max_rows - len(self.occupants)} "
+                               "free slots")
+        batch = self.collate([sequence.inputs.tensors for sequence in sequences])
+        lengths = batch["attention_mask"].sum(dim=1)
+        core = self.model.model
+        position_ids, _ = core.get_rope_index(
+            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
+        kv = DynamicCache(config=self.model.config.text_config)
+        hidden = core(**batch, position_ids=position_ids, cache=kv, use_cache=True).last_hidden_state
+        rows = torch.arange(len(sequences), device=hidden.device)
+        first = self.model.lm_head(hidden[rows, lengths - 1]).argmax(dim=-1)
+        # Decoding continues each row's text positions from the largest position its prompt used.
+        valid = batch["attention_mask"].bool()[None]
+        offsets = position_ids.masked_fill(~valid, -1).amax(dim=(0, 2)) + 1 - lengths
+        keys = torch.stack([layer.keys for layer in kv.layers])  # [layer, row, kv_head, position, dim]
+        values = torch.stack([layer.values for layer in kv.layers])
+        host_lengths = lengths.tolist()
+        slots = []
+        for row, sequence in enumerate(sequences):
+            sequence.slot = len(self.occupants)
+            sequence.position = host_lengths[row]
+            self.occupants.append(sequence)
+            slots.append(sequence.slot)
+            self.cache.store(sequence.slot, keys[:, row, :, :host_lengths[row]], values[:, row, :, :host_lengths[row]])
+        index = torch.tensor(slots, device=hidden.device)
+        step = self._step
+        step.tokens.index_copy_(0, index, first)
+        step.positions.index_copy_(0, index, lengths.to(step.positions.dtype))
+        step.rope_offsets.index_copy_(0, index, offsets.to(step.rope_offsets.dtype))
+        return first.tolist()
+
+    def decode(self, sequences: list[Sequence]) -> list[int]:
+        """One greedy step for every occupied slot; ``sequences`` must be exactly the occupants. Returns
+        their new tokens in the order given, with a single device-to-host copy."""
+        if len(sequences) != len(self.occupants):
+            raise RuntimeError(f"decode of {len(sequences)} sequences, {len(self.occupants)} slots occupied")
+        longest = max(sequence.position for sequence in self.occupants) + 1
+        tokens = self._run_step(len(self.occupants), longest).tolist()
+        for sequence in self.occupants:
+            sequence.position += 1
+        return [tokens[sequence.slot] for sequence in sequences]
+
+    def free(self, sequence: Sequence) -> None:
+        """Give its slot back; the last occupant moves into it, so occupied slots stay 0..n-1."""
+        slot = sequence.slot
+        if slot is None:
+            return
+        sequence.slot = None
+        last = self.occupants.pop()
+        if last is sequence:
+            return
+        self.cache.move(last.slot, slot, last.position)
+        step = self._step
+        for buffer in (step.tokens, step.positions, step.rope_offsets):
+            buffer[slot].copy_(buffer[last.slot])
+        last.slot = slot
+        self.occupants[slot] = last
+
+    def release_all(self) -> None:
+        """Forget every occupant (after a device error failed them all)."""
+        for sequence in self.occupants:
+            sequence.slot = None
+        self.occupants.clear()
+
+    def cache_info(self) -> dict[str, int]:
+        shape = self.cache.shape
+        return {"slots": shape.slots, "slot_tokens": shape.slot_tokens, "bytes": self.cache.nbytes,
+                "slots_in_use": len(self.occupants)}
+

@@ -1,0 +1,119 @@
+"""Pydantic models of every response: the OpenAPI spec is the contract."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="machine-readable error class, snake_case", examples=["invalid_image"])
+    message: str = Field(description="what is wrong and what to do")
+    request_id: str | None = Field(None, description="quote it when reporting a problem")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class InferMetadata(BaseModel):
+    request_id: str | None
+    inference_time: float = Field(description="seconds from admission to answer, queue wait included")
+    generation_time: float = Field(description="seconds from the start of its prefill to its last token")
+    first_token_time: float | None = Field(None, description="seconds from the start of its prefill to its first "
+                                           "token (vision encoder included)")
+    preprocess_time: float = Field(description="seconds decoding the upload and building model inputs")
+    queue_time: float = Field(description="seconds waited for a KV slot")
+    image_size: list[int] = Field(description="[width, height] as received", examples=[[1024, 768]])
+    model_image_size: list[int] = Field(description="[width, height] actually fed to the model")
+    image_tokens: int = Field(description="vision tokens the image took in the prompt")
+    source_format: str = Field(description="format detected from the bytes", examples=["PNG"])
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = Field(description="stop: the model ended the answer; length: cut at max_new_tokens; "
+                               "repetition: stopped early because the output degenerated into repetition")
+    max_new_tokens: int
+    model: str
+    adapter: str | None = Field(description="adapter folder merged into the model, or null for the base model")
+    device: str
+    dtype: str
+
+
+class TableData(BaseModel):
+    columns: list[str] = Field(examples=[["№", "Наименование действия", "Роль"]])
+    rows: list[list[str]] = Field(examples=[[["1", "Принять заявку", "Менеджер"]]])
+    truncated: bool = Field(description="the answer was cut at max_new_tokens: rows may be missing")
+    dropped_incomplete_row: bool = Field(description="the cut-off last row was dropped")
+    warnings: list[str] = Field(description="what the parser had to guess (no separator row, …)")
+
+
+class StepRow(BaseModel):
+    number: str
+    action: str
+    role: str
+
+
+class InferResponse(BaseModel):
+    description: str = Field(description="the model's answer, unchanged: a markdown table of steps and roles",
+                             examples=["| № | Наименование действия | Роль |\n|---|---|---|\n| 1 | Принять заявку | "
+                                       "Менеджер |"])
+    table: TableData | None = Field(None, description="the table parsed from description; null when none")
+    rows: list[StepRow] | None = Field(None, description="the rows as number/action/role, when the columns "
+                                       "are recognized (Russian or English headers)")
+    table_error: str | None = Field(None, description="why table is null")
+    metadata: InferMetadata
+
+
+class KVCacheInfo(BaseModel):
+    slots: int = Field(description="requests that can decode at once (MAX_BATCH_SIZE)")
+    slot_tokens: int = Field(description="tokens one slot holds: image budget + MAX_PROMPT_TOKENS + MAX_NEW_TOKENS")
+    bytes: int = Field(description="memory the cache takes on the device, allocated once at load")
+    slots_in_use: int
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="healthy | loading | failed | draining", examples=["healthy"])
+    model_loaded: bool
+    model: str
+    adapter: str | None
+    adapter_modules_merged: int | None
+    device: str | None
+    device_fallback: str | None = Field(None, description="why the DEVICE asked for is not the one in use "
+                                        "(e.g. the GPU driver is too old for this build)")
+    dtype: str | None
+    model_load_time: float | None = Field(description="seconds from start of load to ready")
+    reason: str | None = Field(None, description="why the load failed (status=failed)")
+    phase: str | None = Field(None, description="what the load is doing now (status=loading)",
+                              examples=["capturing CUDA graphs"])
+    queue_depth: int = Field(description="admitted requests without a KV slot yet")
+    in_flight: int = Field(description="requests holding a KV slot")
+    kv_cache: KVCacheInfo | None = None
+    decode_mode: str | None = Field(None, description="cuda-graphs, or eager (with the reason on CUDA)")
+    error: ErrorBody | None = Field(None, description="set whenever the status code is not 200")
+
+
+class MetricsResponse(BaseModel):
+    inference_count: int
+    total_inference_time: float
+    avg_inference_time: float
+    model_load_time: float | None
+    gpu_memory_allocated_gb: float | None
+    gpu_memory_reserved_gb: float | None
+    failed_count: int
+    rejected_count: int
+    prompt_tokens_total: int
+    completion_tokens_total: int
+    queue_depth: int
+    in_flight: int
+
+
+class ServiceInfo(BaseModel):
+    service: str
+    version: str
+    status: str
+    model: str
+    adapter: str | None
+    device: str | None
+    dtype: str | None
+    docs: str = "/docs"
+    health: str = "/health"
+    metrics: str = "/metrics"

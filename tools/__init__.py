@@ -1,0 +1,1 @@
+"""Clients of the service: the evaluation command and the BPMN reader."""
