@@ -15,11 +15,13 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     HOME=/root \
     HF_HOME=/root/.cache/huggingface \
+    APP_UID=${APP_UID} \
     LOG_FORMAT=json \
     HOST=0.0.0.0 \
     PORT=8002
 
-# The non-root user owns the model cache: the seed's commands mount ./docker-volumes/base-model there.
+# The service user owns the model cache; a host folder mounted there (./docker-volumes/base-model in the
+# documented commands) is handed to it at start by the entrypoint, whoever owned it.
 RUN useradd --uid "${APP_UID}" --home-dir /root --no-create-home --shell /usr/sbin/nologin app \
     && mkdir -p /root/.cache/huggingface /app/models/weights \
     && chown -R app:app /root/.cache /app/models \
@@ -33,13 +35,16 @@ RUN --mount=type=secret,id=ca_bundle,required=false \
     && python3 -m venv /opt/venv \
     && pip install --no-cache-dir -r requirements.txt
 
+COPY deploy/entrypoint.sh /usr/local/bin/vlm-entrypoint
 COPY app ./app
 
-USER ${APP_UID}
+# No USER: the entrypoint starts as root to make the mounted cache writable, then drops to APP_UID with setpriv
+# (no capabilities, no new privileges) before the service starts.
 EXPOSE 8002
 # Start period: the first start may download the model (~4.5 GB) before it can be healthy.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import os,sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8002'), timeout=8).status == 200 else 1)"]
 # One worker: one process owns the GPU. SIGTERM drains in-flight requests (SHUTDOWN_GRACE_S) and exits 0.
 STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/vlm-entrypoint"]
 CMD ["python3", "-m", "app"]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The container stage: lint the Dockerfile, validate the Kubernetes manifests, then on a private
 # dockerd: build the real Dockerfile from an offline base, run it on the tiny model until Docker says
-# healthy, check /infer, the non-root user and a clean stop, then compose's scale profile with two
-# replicas behind nginx. Cleans up whatever the outcome.
+# healthy, check /infer, the non-root user and a clean stop; run the documented CPU command verbatim with the
+# cache folder owned by root and by another uid; then compose's scale profile with two replicas behind nginx.
+# Cleans up whatever the outcome.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -26,13 +27,15 @@ cleanup() {
   if [ -n "$DOCKERD_PID" ]; then
     (cd "$REPO" && docker compose --profile scale down --volumes --timeout 5 >/dev/null 2>&1)
     docker rm -f vlm-ci vlm-ci-mps >/dev/null 2>&1
+    docker ps -aq --filter ancestor=vlm-inference | xargs -r docker rm -f >/dev/null 2>&1
     kill "$DOCKERD_PID" 2>/dev/null
     for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
     kill -9 "$DOCKERD_PID" 2>/dev/null
   fi
   [ -n "$WHEEL_PID" ] && kill "$WHEEL_PID" 2>/dev/null
   grep " $WORK/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  rm -rf "$WORK" "$REPO/docker-volumes/base-model/ci-tiny" "$REPO/docker-volumes/weights/"*.json \
+  rm -rf "$WORK" "$REPO/docker-volumes/base-model/ci-tiny" "$REPO/docker-volumes/base-model/hub" \
+    "$REPO/docker-volumes/weights/"*.json \
     "$REPO/docker-volumes/weights/"*.safetensors "$REPO/docker-volumes/weights/"*.jinja
   echo "--- container stage cleaned up after $(( $(date +%s) - t0 )) s"
 }
@@ -87,13 +90,22 @@ DOCKER_BUILDKIT=1 docker build --network host --progress plain \
   --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt \
   -t vlm-inference:ci . >"$ART/docker-build.log" 2>&1 || { tail -50 "$ART/docker-build.log"; exit 1; }
 docker image ls vlm-inference:ci --format 'image size: {{.Size}}'
+docker tag vlm-inference:ci vlm-inference  # the name the documented commands use
 
-step "tiny model in the seed's volume folders"
+step "tiny model in the documented volume folders: as a folder, and in the Hugging Face cache layout under the real id"
 "$VENV/bin/python" -m app.demo "$WORK/tiny" >/dev/null 2>&1
 mkdir -p docker-volumes/base-model/ci-tiny
 cp -r "$WORK/tiny/base-model/." docker-volumes/base-model/ci-tiny/
 cp -r "$WORK/tiny/weights/." docker-volumes/weights/
-chown -R 1000:1000 docker-volumes/base-model docker-volumes/weights
+# Owned by root and read-only in the container; readable by all, as an adapter must be (peft may save its
+# weights owner-only: the service then fails its load saying so).
+chmod -R a+rX docker-volumes/weights
+# What download_qwen3.py leaves there: hub/models--ORG--NAME/snapshots/REVISION and refs/main naming it.
+REVISION=0000000000000000000000000000000000c1c1c1
+HUB_MODEL=docker-volumes/base-model/hub/models--Qwen--Qwen3-VL-2B-Instruct
+mkdir -p "$HUB_MODEL/snapshots/$REVISION" "$HUB_MODEL/refs"
+cp -r "$WORK/tiny/base-model/." "$HUB_MODEL/snapshots/$REVISION/"
+printf %s "$REVISION" >"$HUB_MODEL/refs/main"
 "$VENV/bin/python" - "$ART/ci-diagram.png" <<'PY'
 import sys
 from PIL import Image, ImageDraw
@@ -128,10 +140,13 @@ assert "description" in body and not missing, missing
 assert body["metadata"]["adapter"] == "/app/models/weights", body["metadata"]["adapter"]
 print("container /infer: 200,", body["metadata"]["completion_tokens"], "tokens on", body["metadata"]["device"])
 PY
-uid=$(docker exec vlm-ci id -u)
-[ "$uid" != 0 ] || { echo "the service runs as root"; exit 1; }
-docker exec vlm-ci sh -c 'test -w /root/.cache/huggingface' || { echo "cache not writable"; exit 1; }
-echo "runs as uid $uid; the mounted model cache is writable"
+service_uid() {  # the uid of the container's service process, as the host sees it
+  docker top "$1" -eo pid,uid,args | awk '/python3 -m app/ {print $2; exit}'
+}
+uid=$(service_uid vlm-ci)
+[ "$uid" = 1000 ] || { echo "the service runs as uid '$uid', not 1000"; docker top vlm-ci; exit 1; }
+docker exec --user 1000 vlm-ci sh -c 'test -w /root/.cache/huggingface' || { echo "cache not writable"; exit 1; }
+echo "docker top: the service runs as uid $uid; the mounted model cache is writable for it"
 docker logs vlm-ci >"$ART/container.log" 2>&1
 "$VENV/bin/python" -c 'import json,sys; n=sum(1 for l in open(sys.argv[1]) if json.loads(l)); print(n, "log lines, all JSON")' \
   "$ART/container.log"
@@ -154,11 +169,49 @@ grep -q 'DEVICE=mps requested but mps is not available; falling back to cpu' <<<
 echo "mps -> cpu fallback logged"
 docker rm -f vlm-ci-mps >/dev/null
 
+# The CPU command exactly as docs/operations.md gives it: the image's defaults, the real model id (found in the
+# cache layout above, offline), whoever owns the mounted folder.
+CPU_COMMAND=$("$VENV/bin/python" - docs/operations.md <<'PY'
+import sys
+text = open(sys.argv[1]).read()
+start = text.index("CPU:\n\n```bash\n") + len("CPU:\n\n```bash\n")
+print(text[start:text.index("\n```", start)])
+PY
+)
+for owner in 0:0 4242:4242; do
+  step "the documented CPU command, verbatim, with docker-volumes/base-model owned by $owner"
+  chown -R "$owner" docker-volumes/base-model
+  [ "$owner" = 0:0 ] || chmod 700 docker-volumes/base-model
+  echo "$CPU_COMMAND"
+  (eval "$CPU_COMMAND") >"$ART/verbatim-${owner%%:*}.log" 2>&1 &
+  verbatim=$!
+  for _ in $(seq 1 180); do
+    curl -fsS -o /dev/null http://127.0.0.1:8002/health 2>/dev/null && break
+    kill -0 "$verbatim" 2>/dev/null || { tail -30 "$ART/verbatim-${owner%%:*}.log"; exit 1; }
+    sleep 1
+  done
+  cid=$(docker ps -q --filter ancestor=vlm-inference)
+  curl -fsS -F "file=@$ART/ci-diagram.png" http://127.0.0.1:8002/infer >"$ART/verbatim-infer.json" ||
+    { tail -30 "$ART/verbatim-${owner%%:*}.log"; exit 1; }
+  "$VENV/bin/python" - "$ART/verbatim-infer.json" <<'PY'
+import json, sys
+meta = json.load(open(sys.argv[1]))["metadata"]
+assert meta["model"] == "Qwen/Qwen3-VL-2B-Instruct" and meta["adapter"] == "/app/models/weights", meta
+PY
+  uid=$(service_uid "$cid")
+  [ "$uid" = 1000 ] || { echo "the service runs as uid '$uid', not 1000"; docker top "$cid"; exit 1; }
+  [ "$(stat -c %u docker-volumes/base-model)" = 1000 ] || { echo "the cache was not handed to uid 1000"; exit 1; }
+  docker stop -t 40 "$cid" >/dev/null
+  wait "$verbatim" || { echo "docker run exited non-zero after docker stop"; exit 1; }
+  docker rm "$cid" >/dev/null
+  echo "healthy, /infer 200 from Qwen/Qwen3-VL-2B-Instruct (cache layout, offline), service uid 1000, clean stop"
+done
+
 step "docker compose: validate, then the scale profile with 2 replicas behind nginx"
 export VLM_IMAGE=vlm-inference:ci NGINX_IMAGE=vlm-ci/nginx:bookworm PORT=$NGINX_PORT REPLICAS=2 \
   BASE_MODEL_ID=/root/.cache/huggingface/ci-tiny
 docker compose config --quiet
-for profile in cpu gpu scale; do docker compose --profile "$profile" config --services >/dev/null; done
+for profile in cpu gpu scale scale-gpu; do docker compose --profile "$profile" config --services >/dev/null; done
 docker compose --profile scale up -d --no-build --wait --wait-timeout 300
 seen=$(for _ in $(seq 1 8); do
   curl -fsS -o /dev/null -D - -F "file=@$ART/ci-diagram.png" "http://127.0.0.1:$NGINX_PORT/infer" |
@@ -187,4 +240,13 @@ for line in lines[:-1]:
 assert text == whole["choices"][0]["message"]["content"], (text, whole)
 print(f"{model}: {whole['usage']['completion_tokens']} tokens; streamed in {events} events, same text")
 PY
+echo "--- one request = one inference: the replicas answered exactly the 10 requests sent through nginx"
+answered=0
+for index in 1 2; do
+  count=$(docker compose exec -T --index "$index" vlm-replica python3 -c \
+    'import json,urllib.request; print(json.load(urllib.request.urlopen("http://127.0.0.1:8002/metrics"))["inference_count"])')
+  echo "replica $index: $count inferences"
+  answered=$((answered + count))
+done
+[ "$answered" = 10 ] || { echo "$answered inferences for 10 requests"; exit 1; }
 step "container stage passed"

@@ -70,8 +70,8 @@ class Metrics:
                                 "(wrong key, body too large or too slow, not ready, overloaded)", ["route", "reason"],
                                 registry=registry)
         self.failed = Counter("vlm_failed_requests", "Admitted inference requests that ended in an error instead of "
-                              "an answer (bad input, deadline, shutdown, internal or device error)", ["route", "reason"],
-                              registry=registry)
+                              "an answer (bad input, deadline, shutdown, internal or device error)",
+                              ["route", "reason"], registry=registry)
         self.queue_depth = Gauge("vlm_queue_depth", "Admitted inference requests without a KV slot yet",
                                  registry=registry)
         self.in_flight = Gauge("vlm_in_flight_requests", "Inference requests holding a KV slot", registry=registry)

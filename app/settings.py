@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="replay the decoding step as CUDA graphs (CUDA only)")
     max_image_tokens: int = Field(1024, ge=4, le=16_384,
                                   description="vision-token budget per image (one token per 32x32 px)")
+    max_pages: int = Field(20, ge=1, le=1000, description="pages one /infer request may ask for (pages=...); "
+                                                          "more: 413")
     max_decoded_pixels: int = Field(50_000_000, ge=10_000, description="decompression-bomb limit, in pixels")
     decode_workers: int = Field(2, ge=1, le=64, description="processes that decode uploads")
     max_upload_mb: float = Field(20.0, gt=0, le=1024, description="largest accepted upload body, in MiB")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tools.bpmn import ExpectedRow, expected_rows
+from app.pipeline.bpmn import ExpectedRow, expected_rows
 
 NS = 'xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"'
 

@@ -262,3 +262,64 @@ def test_openapi_declares_the_api_key_schemes_only_when_a_key_is_set():
         open_spec = client.get("/openapi.json").json()
     assert "securitySchemes" not in open_spec.get("components", {})
     assert "security" not in open_spec["paths"]["/infer"]["post"]
+
+
+def test_one_file_per_request_and_no_unknown_fields():
+    engine = FakeEngine()
+    with make_client(engine=engine) as client:
+        wait_for_status(client, "healthy")
+        png = ("d.png", diagram_png(), "image/png")
+        two = client.post("/infer", files=[("file", png), ("file", png)])
+        assert two.status_code == 400 and "one file per request (2 file parts" in two.json()["error"]["message"]
+        typo = client.post("/infer", files={"file": png}, data={"max_tokens": "5"})
+        assert typo.status_code == 400 and "max_tokens" in typo.json()["error"]["message"]
+        assert engine.prefills == 0  # neither reached the model
+        assert post_png(client, prompt="", page="1").status_code == 200
+
+
+BPMN = """<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL" id="d1">
+  <bpmn:process id="p1">
+    <bpmn:laneSet><bpmn:lane id="l1" name="Менеджер"><bpmn:flowNodeRef>t1</bpmn:flowNodeRef></bpmn:lane>
+      <bpmn:lane id="l2" name="Юрист"><bpmn:flowNodeRef>t2</bpmn:flowNodeRef></bpmn:lane></bpmn:laneSet>
+    <bpmn:startEvent id="s"/>
+    <bpmn:task id="t2" name="Проверить документы"/>
+    <bpmn:userTask id="t1" name="Принять заявку"/>
+    <bpmn:sequenceFlow id="f1" sourceRef="s" targetRef="t1"/>
+    <bpmn:sequenceFlow id="f2" sourceRef="t1" targetRef="t2"/>
+  </bpmn:process>
+</bpmn:definitions>""".encode()
+
+
+def test_a_bpmn_file_is_answered_from_the_xml_without_the_model():
+    engine = FakeEngine()
+    with make_client(engine=engine) as client:
+        wait_for_status(client, "healthy")
+        response = client.post("/infer", files={"file": ("order.bpmn", BPMN, "application/xml")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["rows"] == [{"number": "1", "action": "Принять заявку", "role": "Менеджер"},
+                                {"number": "2", "action": "Проверить документы", "role": "Юрист"}]
+        assert body["description"].splitlines()[2] == "| 1 | Принять заявку | Менеджер |"
+        meta = body["metadata"]
+        assert meta["source_format"] == "BPMN" and meta["model"] is None and meta["completion_tokens"] == 0
+        csv = client.post("/infer", files={"file": ("order.bpmn", BPMN, "application/xml")}, data={"format": "csv"})
+        assert csv.text.splitlines()[1] == "1,Принять заявку,Менеджер"
+        assert engine.prefills == 0  # the model never ran
+
+
+@pytest.mark.parametrize("declaration", [
+    '<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
+    '<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>',
+    '<!DOCTYPE d [<!ENTITY secret SYSTEM "file:///etc/passwd">]>',
+], ids=["billion-laughs", "external-entity"])
+def test_a_bpmn_file_with_entities_is_refused(declaration):
+    prolog = f'<?xml version="1.0"?>\n{declaration}\n'.encode()
+    hostile = BPMN.replace(b'<?xml version="1.0" encoding="UTF-8"?>\n', prolog)
+    hostile = hostile.replace("Принять заявку".encode(), b"&lol3;")
+    with make_client() as client:
+        wait_for_status(client, "healthy")
+        response = client.post("/infer", files={"file": ("x.bpmn", hostile, "application/xml")})
+        assert response.status_code == 400 and "DOCTYPE" in response.json()["error"]["message"]
+        broken = client.post("/infer", files={"file": ("x.bpmn", BPMN[:-20], "application/xml")})
+        assert broken.status_code == 400 and "BPMN XML" in broken.json()["error"]["message"]

@@ -146,7 +146,7 @@ def test_pdf_page_out_of_range_names_the_page_count():
 
 
 def test_page_on_a_raster_is_refused():
-    with pytest.raises(InvalidRequestError, match="PDF uploads only"):
+    with pytest.raises(InvalidRequestError, match="PDF and TIFF uploads only"):
         prepare_image(diagram_png(), GEOMETRY, page=2)
 
 

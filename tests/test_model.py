@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -117,6 +118,15 @@ def test_adapter_targeting_no_module_fails_the_load_clearly(tiny_model_dir, tiny
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="matches no module"):
         load(tiny_settings(adapter_path=adapter))
+
+
+def test_adapter_the_service_user_cannot_read_fails_the_load_saying_so(tiny_settings, monkeypatch):
+    """peft may save the weights readable by their owner only; in a container that is not the service user."""
+    real_access = os.access
+    monkeypatch.setattr("app.model.loader.os.access",
+                        lambda path, mode: False if str(path).endswith(".safetensors") else real_access(path, mode))
+    with pytest.raises(ModelLoadError, match=r"not readable by the service user .*adapter_model.safetensors.*chmod"):
+        load(tiny_settings())
 
 
 def test_failed_adapter_load_shows_in_health(tiny_model_dir, tiny_settings, tmp_path):

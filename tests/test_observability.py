@@ -8,9 +8,8 @@ import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.http.app import create_app
 from app.logs import JsonFormatter

@@ -360,8 +360,8 @@ def test_while_loading_v1_answers_503_not_ready_in_openai_shape():
 
     service = InferenceService(Settings(), engine_factory=fake_factory(SpellingEngine(), load_s=2.0))
     with TestClient(create_app(service=service)) as client:
-        for response in (client.get("/v1/models"),
-                         client.post("/v1/chat/completions", json={"model": "m", "messages": image_message(data_url())})):
+        request = {"model": "m", "messages": image_message(data_url())}
+        for response in (client.get("/v1/models"), client.post("/v1/chat/completions", json=request)):
             assert response.status_code == 503 and response.headers["Retry-After"]
             assert response.json()["error"]["code"] == "not_ready"
             assert response.json()["error"]["type"] == "server_error"

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from app.pipeline.bpmn import ExpectedRow, expected_rows
 from app.pipeline.table import column_roles
-from tools.bpmn import ExpectedRow, expected_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".pdf"}
 

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData
 
-from app.errors import NoTableError, NotReadyError
+from app.errors import InvalidRequestError, NoTableError, NotReadyError
 from app.http.access_log import note_answer
 from app.http.dependencies import ServiceDep
 from app.http.disconnect import until_disconnect
@@ -28,7 +29,8 @@ router = APIRouter(route_class=EnvelopedRoute)
     "/infer",
     response_model=InferResponse,
     summary="Extract the steps and roles of a process diagram as a markdown table",
-    description=f"Upload a diagram as multipart field `file`. Accepted formats: {ACCEPTED_TEXT}. "
+    description=f"Upload a diagram as multipart field `file`. Accepted formats: {ACCEPTED_TEXT}; and BPMN 2.0 XML, "
+    "answered from the XML itself without the model. `pages` reads several pages of a PDF or TIFF at once. "
     "Greedy decoding: the same image and prompt give the same table.",
     operation_id="infer_diagram",
     tags=["inference"],
@@ -46,13 +48,18 @@ async def infer_diagram(
                                 max_length=4000)] = "",
     max_new_tokens: Annotated[int, Form(ge=0, description="cap on generated tokens, up to MAX_NEW_TOKENS; "
                                         "0 = the default")] = 0,
-    page: Annotated[int, Form(ge=1, le=10_000, description="PDF page to read (1-based)")] = 1,
+    page: Annotated[int, Form(ge=1, le=10_000, description="PDF or TIFF page to read (1-based); or use pages")] = 1,
+    pages: Annotated[str, Form(max_length=200, description="pages to read: 3, 2-4,7 or all (up to MAX_PAGES); "
+                               "more than one adds a pages list and joins the rows")] = "1",
     format: Annotated[Literal["json", "markdown", "csv"] | None,
                       Form(description="json (default), markdown or csv (just the table); or use Accept")] = None,
 ) -> Any:
+    _check_form_parts(await request.form())  # already parsed by FastAPI: no second read
     ticket = request.state.ticket
     data = await file.read()
-    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, page=page)
+    if page != 1 and pages.strip() != "1":
+        raise InvalidRequestError("send page or pages, not both")
+    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, pages=str(page) if page != 1 else pages)
     result = await until_disconnect(request, service.infer(data, params, ticket))
     note_answer(result.metadata)
     chosen = format or _format_from_accept(request.headers.get("accept", ""))
@@ -62,6 +69,22 @@ async def infer_diagram(
         raise NoTableError(f"the answer holds no table ({result.table_error}); ask for format=json to see it")
     render, media_type = _TABLE_FORMATS[chosen]
     return Response(render(result.table.columns, result.table.rows), media_type=media_type)
+
+
+INFER_FIELDS = frozenset({"file", "prompt", "max_new_tokens", "page", "pages", "format"})
+
+
+def _check_form_parts(form: FormData) -> None:
+    """One file per request, and only known fields: a part the service would ignore is an answer to another
+    question (a second diagram silently dropped, a misspelt option silently defaulted)."""
+    files = form.getlist("file")
+    if len(files) > 1:
+        raise InvalidRequestError(f"one file per request ({len(files)} file parts given): send each diagram on its "
+                                  "own request")
+    unknown = sorted(set(form.keys()) - INFER_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown form field(s): {', '.join(unknown)}; the fields are "
+                                  f"{', '.join(sorted(INFER_FIELDS))}")
 
 
 _TABLE_FORMATS = {"markdown": (to_markdown, "text/markdown; charset=utf-8"), "csv": (to_csv, "text/csv; charset=utf-8")}

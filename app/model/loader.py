@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,12 @@ def apply_adapter(model: Any, adapter_dir: Path, required: bool = True) -> tuple
         logger.warning("adapter not found at %s (no adapter_config.json), serving the base model "
                        "(REQUIRE_ADAPTER=false)", adapter_dir)
         return model, None
+    unreadable = [path.name for path in sorted(adapter_dir.iterdir())
+                  if path.is_file() and not os.access(path, os.R_OK)]
+    if unreadable:
+        raise ModelLoadError(f"adapter file(s) at {adapter_dir} not readable by the service user (uid {os.getuid()}): "
+                             f"{', '.join(unreadable)}; make them readable (chmod a+r), since peft may save them "
+                             "readable by their owner only")
     from peft import PeftConfig, PeftModel
     from peft.tuners.lora import LoraLayer
 

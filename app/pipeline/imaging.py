@@ -40,6 +40,7 @@ class ImageFacts:
     source_format: str
     received_size: tuple[int, int]  # (width, height) as decoded, before any resize
     model_size: tuple[int, int]  # (width, height) fed to the model
+    page_count: int = 1  # pages in the file (PDF, TIFF); 1 for other formats
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,11 @@ class PreparedImage:
     source_format: str
     received_size: tuple[int, int]
     model_size: tuple[int, int]
+    page_count: int = 1
 
     @property
     def facts(self) -> ImageFacts:
-        return ImageFacts(self.source_format, self.received_size, self.model_size)
+        return ImageFacts(self.source_format, self.received_size, self.model_size, self.page_count)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -90,14 +92,21 @@ def _check_aspect(width: float, height: float, what: str) -> None:
                                 "model cannot take; crop it or split it into parts")
 
 
-def _decode_raster(data: bytes, fmt: str, max_decoded_pixels: int) -> Image.Image:
+MULTI_PAGE_RASTERS = frozenset({"TIFF"})  # GIF frames are animation, not pages: the first one is read
+
+
+def _decode_raster(data: bytes, fmt: str, max_decoded_pixels: int, page: int = 1) -> tuple[Image.Image, int]:
+    """The page's image (the first frame of others) and the file's page count."""
     Image.MAX_IMAGE_PIXELS = max_decoded_pixels  # Pillow's own bomb guard, from our setting
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[fmt])
+            pages = getattr(image, "n_frames", 1) if fmt in MULTI_PAGE_RASTERS else 1
+            if page > pages:
+                raise InvalidRequestError(f"page {page} requested but the {fmt} file has {pages} page(s)")
+            image.seek(page - 1)  # GIF: first frame; TIFF: the page asked for
             _check_pixels(*image.size, max_decoded_pixels)  # header only: nothing decoded yet
-            image.seek(0)  # GIF: first frame; TIFF: first page
             image.load()
             image = ImageOps.exif_transpose(image) or image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -106,10 +115,11 @@ def _decode_raster(data: bytes, fmt: str, max_decoded_pixels: int) -> Image.Imag
             ZeroDivisionError, KeyError) as error:
         # Pillow signals broken files with a spread of exception types; all mean "not a valid image".
         raise InvalidImageError(f"cannot decode the {fmt} file: {_one_line(error)}") from None
-    return image
+    return image, pages
 
 
-def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pixels: int) -> Image.Image:
+def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pixels: int
+                ) -> tuple[Image.Image, int]:
     import pypdfium2 as pdfium
 
     with _pdfium_lock:
@@ -132,7 +142,7 @@ def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pi
             budget = min(geometry.max_pixels, max_decoded_pixels)
             scale = min(_PDF_MAX_SCALE, math.sqrt(budget / (width_pt * height_pt)))
             bitmap = pdf_page.render(scale=scale, fill_color=(255, 255, 255, 255))
-            return bitmap.to_pil().convert("RGB")
+            return bitmap.to_pil().convert("RGB"), pages
         except pdfium.PdfiumError as error:
             raise InvalidImageError(f"cannot render the PDF page: {_one_line(error)}") from None
         finally:
@@ -187,11 +197,11 @@ def prepare_image(data: bytes, geometry: VisionGeometry, *, page: int = 1,
     if fmt is None:
         raise UnsupportedMediaError(f"not a supported image: accepted formats are {ACCEPTED_TEXT}")
     if fmt == "PDF":
-        image = _render_pdf(data, page, geometry, max_decoded_pixels)
+        image, pages = _render_pdf(data, page, geometry, max_decoded_pixels)
     else:
-        if page != 1:
-            raise InvalidRequestError(f"page={page} applies to PDF uploads only; this file is {fmt}")
-        image = _decode_raster(data, fmt, max_decoded_pixels)
+        if page != 1 and fmt not in MULTI_PAGE_RASTERS:
+            raise InvalidRequestError(f"page={page} applies to PDF and TIFF uploads only; this file is {fmt}")
+        image, pages = _decode_raster(data, fmt, max_decoded_pixels, page)
     received = image.size
     size = model_size(*received, geometry)
     # Fitting the sides to the patch grid can push a thin image past the limit (47x6425 becomes 32x6432).
@@ -203,7 +213,7 @@ def prepare_image(data: bytes, geometry: VisionGeometry, *, page: int = 1,
     image = to_rgb(image)
     if image.size != size:
         image = image.resize(size, Image.Resampling.BICUBIC)
-    return PreparedImage(image, fmt, received, size)
+    return PreparedImage(image, fmt, received, size, pages)
 
 
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")

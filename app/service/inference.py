@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -13,18 +14,21 @@ from typing import AsyncIterator, Callable, Iterator
 from PIL import Image
 
 from app import SERVICE_NAME, __version__
-from app.errors import DeadlineExceededError, InvalidRequestError, ModelLoadError
+from app.errors import DeadlineExceededError, InvalidRequestError, ModelLoadError, ServiceError
 from app.metrics import Metrics, cuda_in_use, gpu_memory_bytes
 from app.model.device import Placement, resolve_placement
 from app.model.engine import Engine, EngineLimits, GenerationResult, PromptTooLongError, ServingDefaults
 from app.model.loader import load_model
 from app.model.scheduler import generate
 from app.model.sequence import PreparedInputs, Sequence
+from app.pipeline.bpmn import looks_like_bpmn, parse_bpmn
 from app.pipeline.decode_pool import DecoderPool
 from app.pipeline.imaging import ImageFacts, PreparedImage
+from app.pipeline.pages import first_page, select_pages
 from app.pipeline.repetition import RepetitionGuard
-from app.pipeline.table import TableNotFoundError, parse_table
+from app.pipeline.table import TableNotFoundError, parse_table, to_markdown
 from app.request_context import current_request_id
+from app.service.multipage import join_pages
 from app.service.runner import ModelState, Runner, Ticket
 from app.service.schemas import (
     HealthResponse,
@@ -45,7 +49,8 @@ logger = logging.getLogger(__name__)
 class InferParams:
     prompt: str | None = None
     max_new_tokens: int | None = None
-    page: int = 1
+    page: int = 1  # the page this request's inputs are built from
+    pages: str = "1"  # the pages asked for: "3", "2-4,7" or "all"
 
 
 @dataclass(frozen=True)
@@ -190,14 +195,68 @@ class InferenceService:
                                    deadline)
 
     async def infer(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
-        return await self.complete(await self.prepare(data, params, ticket))
+        if looks_like_bpmn(data):
+            return await self.read_bpmn(data, params, ticket)
+        first = first_page(params.pages)
+        request = await self.prepare(data, dataclasses.replace(params, page=first), ticket)
+        if params.pages.strip() == str(first):  # one page: the answer as it always was
+            return await self.complete(request)
+        pages = select_pages(params.pages, request.image.page_count, self.settings.max_pages)
+        return await self._infer_pages(data, params, ticket, request, pages)
 
-    async def complete(self, request: PreparedRequest) -> InferResponse:
+    async def _infer_pages(self, data: bytes, params: InferParams, ticket: Ticket, first: PreparedRequest,
+                           pages: list[int]) -> InferResponse:
+        """Every page as its own sequence, generated concurrently (the batcher runs them side by side); a page
+        that fails says so in its entry while the others answer."""
+
+        async def one(page: int, prepared: PreparedRequest | None = None) -> InferResponse | ServiceError:
+            try:
+                prepared = prepared or await self.prepare(data, dataclasses.replace(params, page=page), ticket)
+                return await self.complete(prepared, count_request=False)
+            except ServiceError as error:
+                return error
+            except Exception:  # noqa: BLE001 - a device error on one page: that page failed, say so
+                logger.exception("page %d failed", page)
+                return ServiceError()
+
+        outcomes = await asyncio.gather(one(pages[0], first), *(one(page) for page in pages[1:]))
+        elapsed = time.perf_counter() - ticket.admitted_at
+        response = join_pages(list(zip(pages, outcomes)), elapsed)
+        self.prometheus.inference_duration.observe(elapsed)
+        return response
+
+    async def read_bpmn(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
+        """A BPMN file already holds its table: its tasks in flow order with their lanes, read from the XML
+        itself. No model runs, so the answer is exact, and immediate."""
+        if params.page != 1:
+            raise InvalidRequestError(f"page={params.page} applies to PDF uploads only; this file is BPMN XML")
+        rows = await asyncio.to_thread(parse_bpmn, data)  # a 20 MB XML is ~0.1 s: not on the event loop
+        columns = ["№", "Наименование действия", "Роль"]
+        table_rows = [[str(number), row.action, row.role] for number, row in enumerate(rows, start=1)]
+        warnings = []
+        if (params.prompt and params.prompt.strip()) or params.max_new_tokens:
+            warnings.append("answered from the BPMN XML itself: prompt and max_new_tokens do not apply")
+        elapsed = time.perf_counter() - ticket.admitted_at
+        self.prometheus.inference_duration.observe(elapsed)
+        metadata = InferMetadata(
+            request_id=current_request_id(), inference_time=round(elapsed, 4), generation_time=0.0,
+            preprocess_time=round(elapsed, 4), queue_time=0.0, image_size=None, model_image_size=None,
+            image_tokens=0, source_format="BPMN", prompt_tokens=0, completion_tokens=0, finish_reason="stop",
+            max_new_tokens=None, model=None, adapter=None, device=None, dtype=None)
+        return InferResponse(
+            description=to_markdown(columns, table_rows).rstrip("\n"),
+            table=TableData(columns=columns, rows=table_rows, truncated=False, dropped_incomplete_row=False,
+                            warnings=warnings),
+            rows=[StepRow(number=number, action=action, role=role) for number, action, role in table_rows],
+            table_error=None if rows else "the BPMN file holds no named task",
+            metadata=metadata)
+
+    async def complete(self, request: PreparedRequest, count_request: bool = True) -> InferResponse:
         """Generate the whole answer, then respond."""
         with self._accounted():
             result = await self.runner.generate(request.inputs, request.max_new_tokens, request.ticket,
                                                 timeout_s=request.time_left_s())
-        return self.respond(request, result)
+        return self.respond(request, result, count_request)
 
     async def stream(self, request: PreparedRequest) -> AsyncIterator[list[int] | GenerationResult]:
         """The generation's new tokens as they come, then its result (pass it to ``respond``). Closing the
@@ -214,11 +273,14 @@ class InferenceService:
         if result is not None:  # outside the accounting: a reader that stops after the result abandoned nothing
             yield result
 
-    def respond(self, request: PreparedRequest, result: GenerationResult) -> InferResponse:
-        """Count a finished generation and shape its answer."""
+    def respond(self, request: PreparedRequest, result: GenerationResult, count_request: bool = True
+                ) -> InferResponse:
+        """Count a finished generation and shape its answer (``count_request``: it is the whole request, not
+        one of its pages)."""
         finished = time.perf_counter()
         started = request.ticket.admitted_at
-        self.prometheus.inference_duration.observe(finished - started)
+        if count_request:
+            self.prometheus.inference_duration.observe(finished - started)
         metadata = self._metadata(request.engine, request.image, result, finished - started, result.queue_time_s,
                                   request.ready_at - started, request.max_new_tokens)
         self._observe(metadata, result)
@@ -294,6 +356,7 @@ class InferenceService:
             preprocess_time=round(preprocess_s, 4),
             queue_time=round(queue_s, 4),
             image_size=list(prepared.received_size),
+            page_count=prepared.page_count,
             model_image_size=list(prepared.model_size),
             image_tokens=result.image_tokens,
             source_format=prepared.source_format,

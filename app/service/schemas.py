@@ -23,19 +23,22 @@ class InferMetadata(BaseModel):
                                            "token (vision encoder included)")
     preprocess_time: float = Field(description="seconds decoding the upload and building model inputs")
     queue_time: float = Field(description="seconds waited for a KV slot")
-    image_size: list[int] = Field(description="[width, height] as received", examples=[[1024, 768]])
-    model_image_size: list[int] = Field(description="[width, height] actually fed to the model")
+    image_size: list[int] | None = Field(description="[width, height] as received; null for a BPMN file",
+                                        examples=[[1024, 768]])
+    model_image_size: list[int] | None = Field(description="[width, height] actually fed to the model")
     image_tokens: int = Field(description="vision tokens the image took in the prompt")
-    source_format: str = Field(description="format detected from the bytes", examples=["PNG"])
+    page_count: int = Field(1, description="pages in the file (PDF, TIFF); 1 for other formats")
+    source_format: str = Field(description="format detected from the bytes (BPMN: answered from the XML, no "
+                               "model)", examples=["PNG"])
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = Field(description="stop: the model ended the answer; length: cut at max_new_tokens; "
                                "repetition: stopped early because the output degenerated into repetition")
-    max_new_tokens: int
-    model: str
+    max_new_tokens: int | None = Field(description="the cap this request ran with; null when no model ran")
+    model: str | None = Field(description="the base model; null when the answer came from a BPMN file itself")
     adapter: str | None = Field(description="adapter folder merged into the model, or null for the base model")
-    device: str
-    dtype: str
+    device: str | None
+    dtype: str | None
 
 
 class TableData(BaseModel):
@@ -50,6 +53,20 @@ class StepRow(BaseModel):
     number: str
     action: str
     role: str
+    page: int | None = Field(None, exclude_if=lambda page: page is None,  # absent from single-page answers
+                             description="the page it was read from, when several pages were asked for")
+
+
+class PageResult(BaseModel):
+    """One page of a multi-page request: its own answer, or why it has none."""
+
+    page: int
+    description: str | None = None
+    table: TableData | None = None
+    rows: list[StepRow] | None = None
+    table_error: str | None = None
+    metadata: InferMetadata | None = None
+    error: ErrorBody | None = Field(None, description="why this page has no answer (the other pages still do)")
 
 
 class InferResponse(BaseModel):
@@ -61,6 +78,8 @@ class InferResponse(BaseModel):
                                        "are recognized (Russian or English headers)")
     table_error: str | None = Field(None, description="why table is null")
     metadata: InferMetadata
+    pages: list[PageResult] | None = Field(None, description="one entry per page when several pages were asked for "
+                                           "(pages=2-4, all, ...); the fields above then join them in page order")
 
 
 class KVCacheInfo(BaseModel):

@@ -1,4 +1,5 @@
-"""BPMN 2.0 XML -> the rows the diagram's table should have: (action, role), in process order.
+"""BPMN 2.0 XML -> the rows of the diagram's table: (action, role), in process order. /infer answers a BPMN
+upload with them, without the model; the evaluation command uses them as the expected answer.
 
 Tasks are the actions; the lane holding a task (the innermost one, for nested lanes) is its role, or the
 pool (participant) when the process has no lanes. The order follows the sequence flows from the start
@@ -7,10 +8,19 @@ events, breadth first; tasks no flow reaches keep their document order at the en
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ElementTree
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+from app.errors import InvalidImageError
+
+BPMN_NAMESPACE = b"http://www.omg.org/spec/BPMN/20100524/MODEL"
+# A BPMN document needs no DTD: one is refused before parsing, so neither entity expansion (the "billion
+# laughs") nor external references (files, URLs) can happen.
+_DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
+_ROOT = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?definitions[\s>]")
 
 TASK_TYPES = {
     "task", "userTask", "serviceTask", "manualTask", "scriptTask", "sendTask", "receiveTask",
@@ -73,6 +83,23 @@ def _ordered_tasks(process: ElementTree.Element) -> list[ElementTree.Element]:
                 queue.append(target)
     reached = {id(node) for node in order}
     return order + [task for task in tasks if id(task) not in reached]
+
+
+def looks_like_bpmn(data: bytes) -> bool:
+    """XML whose root element is BPMN's ``definitions``, judged from the start of the file."""
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"<") and BPMN_NAMESPACE in head and _ROOT.search(head) is not None
+
+
+def parse_bpmn(data: bytes) -> list[ExpectedRow]:
+    """The rows of an uploaded BPMN file. Raises InvalidImageError (400) for a DTD or broken XML."""
+    if _DECLARATION.search(data):
+        raise InvalidImageError("the BPMN file declares a DOCTYPE or entities, which are refused (entity expansion, "
+                                "external references); export it without them")
+    try:
+        return expected_rows(data)
+    except ElementTree.ParseError as error:
+        raise InvalidImageError(f"cannot read the BPMN XML: {error}") from None
 
 
 def expected_rows(source: str | bytes | Path) -> list[ExpectedRow]:

@@ -1,0 +1,56 @@
+"""Which pages of a document a request asks for: "1", "2-4,7" or "all", checked against the document."""
+
+from __future__ import annotations
+
+import re
+
+from app.errors import InvalidRequestError, PayloadTooLargeError
+
+_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def first_page(spec: str) -> int:
+    """The lowest page ``spec`` names (its syntax checked), to decode first and learn the page count from."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return 1
+    firsts = []
+    for part in spec.split(","):
+        match = _PART.match(part)
+        if not match:
+            raise InvalidRequestError(f"pages={spec!r}: use a page (3), a range (2-4), a list (1,3-5) or all",
+                                      param="pages")
+        firsts.append(int(match.group(1)))
+    if min(firsts) < 1:
+        raise InvalidRequestError(f"pages={spec!r}: pages count from 1", param="pages")
+    return min(firsts)
+
+
+def select_pages(spec: str, page_count: int, max_pages: int) -> list[int]:
+    """The 1-based page numbers ``spec`` names, in page order, without repeats. A page past the end is a 400 (the
+    request names a page that is not there); more pages than ``max_pages`` a 413 with the count."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        pages = list(range(1, page_count + 1))
+    else:
+        pages, seen = [], set()
+        for part in spec.split(","):
+            match = _PART.match(part)
+            if not match:
+                raise InvalidRequestError(f"pages={spec!r}: use a page (3), a range (2-4), a list (1,3-5) or all",
+                                          param="pages")
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            if first < 1 or last < first:
+                raise InvalidRequestError(f"pages={spec!r}: pages count from 1, ranges go upwards", param="pages")
+            if last > page_count:
+                raise InvalidRequestError(f"pages={spec!r} asks for page {last}, but the file has {page_count} "
+                                          "page(s)", param="pages")
+            for page in range(first, last + 1):
+                if page not in seen:
+                    seen.add(page)
+                    pages.append(page)
+        pages.sort()
+    if len(pages) > max_pages:
+        raise PayloadTooLargeError(f"{len(pages)} pages asked for (the file has {page_count}); at most "
+                                   f"{max_pages} per request (MAX_PAGES)")
+    return pages
