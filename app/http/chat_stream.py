@@ -81,5 +81,5 @@ class ChunkStream:
 
     @staticmethod
     def _error(error: ServiceError) -> str:
-        note(error_type=error.error_type)  # the access log and the rejected counter see it, under status 200
+        note(error_type=error.error_type)  # the access log and the failed counter see it, under status 200
         return f"data: {json.dumps(openai_error(error), ensure_ascii=False)}\n\n"
