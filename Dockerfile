@@ -16,6 +16,7 @@ ENV PYTHONUNBUFFERED=1 \
     HOME=/root \
     HF_HOME=/root/.cache/huggingface \
     APP_UID=${APP_UID} \
+    JOBS_DB=/app/jobs/jobs.sqlite3 \
     LOG_FORMAT=json \
     HOST=0.0.0.0 \
     PORT=8002
@@ -23,8 +24,8 @@ ENV PYTHONUNBUFFERED=1 \
 # The service user owns the model cache; a host folder mounted there (./docker-volumes/base-model in the
 # documented commands) is handed to it at start by the entrypoint, whoever owned it.
 RUN useradd --uid "${APP_UID}" --home-dir /root --no-create-home --shell /usr/sbin/nologin app \
-    && mkdir -p /root/.cache/huggingface /app/models/weights \
-    && chown -R app:app /root/.cache /app/models \
+    && mkdir -p /root/.cache/huggingface /app/models/weights /app/jobs \
+    && chown -R app:app /root/.cache /app/models /app/jobs \
     && chmod 755 /root
 
 WORKDIR /app

@@ -249,4 +249,23 @@ for index in 1 2; do
   answered=$((answered + count))
 done
 [ "$answered" = 10 ] || { echo "$answered inferences for 10 requests"; exit 1; }
+echo "--- a job through nginx: submitted to one replica, polled and fetched through both (one shared store)"
+"$VENV/bin/python" - "$ART/ci-diagram.png" "http://127.0.0.1:$NGINX_PORT" <<'PY'
+import sys, time
+import httpx
+image, base = sys.argv[1], sys.argv[2]
+job = httpx.post(f"{base}/jobs", files={"file": ("d.png", open(image, "rb"), "image/png")}, timeout=60)
+assert job.status_code == 202, job.text
+upstreams, deadline = set(), time.monotonic() + 120
+while True:
+    status = httpx.get(f"{base}{job.json()['status_url']}", timeout=10)
+    upstreams.add(status.headers.get("x-upstream"))
+    if status.json()["status"] == "done" and len(upstreams) > 1:
+        break
+    assert status.json()["status"] in ("queued", "running", "done") and time.monotonic() < deadline, status.text
+    time.sleep(0.2)
+result = httpx.get(f"{base}{job.json()['result_url']}", timeout=10)
+assert result.status_code == 200 and "description" in result.json(), result.text
+print(f"job {job.json()['id'][:8]}…: done, its status read through {len(upstreams)} replicas")
+PY
 step "container stage passed"

@@ -52,6 +52,15 @@ class ModelNotFoundError(ServiceError):
     status_code, error_type = 404, "model_not_found"
 
 
+class JobNotFoundError(ServiceError):
+    status_code, error_type = 404, "job_not_found"
+    default_message = "no such job (never submitted, forgotten, or its result expired after JOB_TTL_S)"
+
+
+class JobNotDoneError(ServiceError):
+    status_code, error_type = 409, "job_not_done"
+
+
 class MethodNotAllowedError(ServiceError):
     status_code, error_type = 405, "method_not_allowed"
 
@@ -92,3 +101,10 @@ class ClientClosedError(ServiceError):
     """The client went away before the answer (nginx's 499); only logs and metrics ever see it."""
 
     status_code, error_type = 499, "client_closed_request"
+
+
+def recorded_error(status_code: int, error_type: str, message: str) -> ServiceError:
+    """An error recorded earlier (a failed job's), answered again with its own status and type."""
+    error = ServiceError(message)
+    error.status_code, error.error_type = status_code, error_type
+    return error

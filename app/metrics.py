@@ -17,7 +17,8 @@ from prometheus_client.exposition import choose_encoder
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 FAST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
-ENDPOINTS = ("/infer", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", "/docs", "/openapi.json")
+ENDPOINTS = ("/infer", "/v1/chat/completions", "/v1/models", "/jobs", "/health", "/metrics", "/", "/docs",
+             "/openapi.json")
 FINISH_REASONS = ("stop", "length", "repetition", "timeout", "cancelled")
 
 
@@ -25,6 +26,8 @@ def endpoint_label(path: str) -> str:
     """Bounded label values: unknown paths (404 probes) all count as 'other'."""
     if path.startswith("/v1/models/"):
         return "/v1/models"
+    if path.startswith("/jobs/"):
+        return "/jobs"
     return path if path in ENDPOINTS else "other"
 
 
@@ -72,6 +75,9 @@ class Metrics:
         self.failed = Counter("vlm_failed_requests", "Admitted inference requests that ended in an error instead of "
                               "an answer (bad input, deadline, shutdown, internal or device error)",
                               ["route", "reason"], registry=registry)
+        self.jobs = Gauge("vlm_jobs", "Jobs in the store, by status", ["status"], registry=registry)
+        self.job_duration = Histogram("vlm_job_duration_seconds", "Jobs from their start to their end, by how "
+                                      "they ended", ["status"], buckets=SECONDS_BUCKETS, registry=registry)
         self.queue_depth = Gauge("vlm_queue_depth", "Admitted inference requests without a KV slot yet",
                                  registry=registry)
         self.in_flight = Gauge("vlm_in_flight_requests", "Inference requests holding a KV slot", registry=registry)

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
                                      "/v1/chat/completions may fetch ('*.example.com' for subdomains); empty: "
                                      "none, images come as data: URLs")
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="longest an allowed image URL may take to fetch")
+    jobs_db: Path = Field(Path.home() / ".cache" / "vlm-inference" / "jobs.sqlite3",
+                          description="the job store (SQLite); put it on a volume so jobs survive the container")
+    job_ttl_s: float = Field(86_400.0, gt=0, description="how long a finished job's result is kept")
+    max_jobs: int = Field(100, ge=1, le=100_000, description="jobs queued or running at once; more get 503")
     cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
                                               "page ('*' for any); empty: none")
     force_max_new_tokens: bool = Field(False, description="benchmarks only: never stop before max_new_tokens")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 # The tests never reach the Hub: fail fast instead of waiting on a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Jobs of this test run in a store of their own, never in the user's (servers started by tests inherit it).
+os.environ.setdefault("JOBS_DB", str(Path(tempfile.mkdtemp(prefix="vlm-test-jobs-")) / "jobs.sqlite3"))
 
 
 @pytest.fixture(scope="session")

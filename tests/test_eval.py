@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.http.app import create_app
+from app.pipeline.bpmn import ExpectedRow
 from app.service.inference import InferenceService
 from app.settings import Settings
-from app.pipeline.bpmn import ExpectedRow
 from tools.eval import evaluate, format_report, read_expected, score_rows
 
 from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status

@@ -22,6 +22,7 @@ logger = logging.getLogger("app.access")
 INFERENCE_PATH = "/infer"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 INFERENCE_PATHS = (INFERENCE_PATH, CHAT_COMPLETIONS_PATH)  # each runs the model: the gate admits them
+JOBS_PATH = "/jobs"  # its uploads are read at the door too, then queued as jobs
 
 
 @dataclass

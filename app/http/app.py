@@ -16,6 +16,7 @@ from app.http.chat_routes import router as openai_router
 from app.http.docs import add_schemas, declare_api_key, install_docs
 from app.http.envelope import install_error_handlers
 from app.http.gate import InferGate
+from app.http.job_routes import router as jobs_router
 from app.http.request_id import RequestIdMiddleware
 from app.http.routes import router
 from app.request_context import install_log_record_factory
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            await service.stop_jobs()
             service.close()
 
     app = FastAPI(
@@ -65,11 +67,13 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(jobs_router)
     install_docs(app)
     add_schemas(app, ChatCompletionRequest)
     if settings.api_key:
         declare_api_key(app, [("/infer", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
-                              ("/v1/models/{model_id}", "get")]
+                              ("/v1/models/{model_id}", "get"), ("/jobs", "post"), ("/jobs/{job_id}", "get"),
+                              ("/jobs/{job_id}", "delete"), ("/jobs/{job_id}/result", "get")]
                         + ([("/metrics", "get")] if settings.metrics_require_key else []))
     # Added last = outermost: the request id exists before the access log and the gate run.
     app.add_middleware(InferGate, service_getter=lambda: app.state.service)

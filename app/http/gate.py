@@ -27,9 +27,9 @@ from app.errors import (
     UnauthorizedError,
     UploadTimeoutError,
 )
-from app.http.access_log import INFERENCE_PATH, INFERENCE_PATHS, note
+from app.http.access_log import INFERENCE_PATH, INFERENCE_PATHS, JOBS_PATH, note
 from app.http.envelope import OPENAI_PREFIX, error_response
-from app.service.runner import RETRY_AFTER_BUSY_S
+from app.service.runner import RETRY_AFTER_BUSY_S, ModelState
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class InferGate:
         service = self.service_getter()
         settings = service.settings
         headers = dict(scope.get("headers", [])) if path else {}
-        if path not in INFERENCE_PATHS or scope.get("method") != "POST":
+        admits = path in INFERENCE_PATHS  # runs the model now; a job submission only queues the upload
+        if not (admits or path == JOBS_PATH) or scope.get("method") != "POST":
             if settings.api_key and _needs_key(path, settings) and not key_matches(headers, settings.api_key):
                 await _refuse(UnauthorizedError(), path, scope, receive, send)
                 return
@@ -67,12 +68,13 @@ class InferGate:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise PayloadTooLargeError(_too_large(settings.max_upload_mb, path))
-            service.runner.check_ready()  # loading or draining: no point in taking the upload
+            if admits or service.runner.state in (ModelState.failed, ModelState.draining):
+                service.runner.check_ready()  # no point in taking the upload (jobs may queue while loading)
             if self.uploads >= settings.max_uploads:
                 raise OverloadedError(f"{self.uploads} uploads in progress; retry shortly",
                                       headers={"Retry-After": str(RETRY_AFTER_BUSY_S)})
             body = await self._read_body(receive, limit, path, settings)
-            ticket = service.runner.admit()
+            ticket = service.runner.admit() if admits else None
         except ClientClosedError:
             logger.info("client disconnected during the upload")
             note(status=ClientClosedError.status_code, error_type=ClientClosedError.error_type)
@@ -81,12 +83,13 @@ class InferGate:
             note(error_type=error.error_type)
             await _refuse(error, path, scope, receive, send)
             return
-        note(admitted=True)
+        note(admitted=admits)
         scope.setdefault("state", {})["ticket"] = ticket
         try:
             await self.app(scope, _replay(body, receive), send)
         finally:
-            ticket.release()
+            if ticket is not None:
+                ticket.release()
 
     async def _read_body(self, receive: Receive, limit: int, path: str, settings: Any) -> bytes:
         """The whole body, within UPLOAD_TIMEOUT_S and MAX_UPLOAD_MB, holding one upload place meanwhile."""
@@ -117,8 +120,9 @@ class InferGate:
 
 
 def _needs_key(path: str, settings: Any) -> bool:
-    """Besides the inference routes: all of the OpenAI-compatible API, and /metrics when asked."""
-    return path.startswith(OPENAI_PREFIX) or (path == "/metrics" and settings.metrics_require_key)
+    """Besides the inference routes: all of the OpenAI-compatible API, the jobs, and /metrics when asked."""
+    return (path.startswith(OPENAI_PREFIX) or path == JOBS_PATH or path.startswith(JOBS_PATH + "/")
+            or (path == "/metrics" and settings.metrics_require_key))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -54,7 +54,7 @@ async def infer_diagram(
     format: Annotated[Literal["json", "markdown", "csv"] | None,
                       Form(description="json (default), markdown or csv (just the table); or use Accept")] = None,
 ) -> Any:
-    _check_form_parts(await request.form())  # already parsed by FastAPI: no second read
+    check_form_parts(await request.form())  # already parsed by FastAPI: no second read
     ticket = request.state.ticket
     data = await file.read()
     if page != 1 and pages.strip() != "1":
@@ -67,14 +67,14 @@ async def infer_diagram(
         return result
     if result.table is None:
         raise NoTableError(f"the answer holds no table ({result.table_error}); ask for format=json to see it")
-    render, media_type = _TABLE_FORMATS[chosen]
+    render, media_type = TABLE_FORMATS[chosen]
     return Response(render(result.table.columns, result.table.rows), media_type=media_type)
 
 
 INFER_FIELDS = frozenset({"file", "prompt", "max_new_tokens", "page", "pages", "format"})
 
 
-def _check_form_parts(form: FormData) -> None:
+def check_form_parts(form: FormData) -> None:
     """One file per request, and only known fields: a part the service would ignore is an answer to another
     question (a second diagram silently dropped, a misspelt option silently defaulted)."""
     files = form.getlist("file")
@@ -87,7 +87,7 @@ def _check_form_parts(form: FormData) -> None:
                                   f"{', '.join(sorted(INFER_FIELDS))}")
 
 
-_TABLE_FORMATS = {"markdown": (to_markdown, "text/markdown; charset=utf-8"), "csv": (to_csv, "text/csv; charset=utf-8")}
+TABLE_FORMATS = {"markdown": (to_markdown, "text/markdown; charset=utf-8"), "csv": (to_csv, "text/csv; charset=utf-8")}
 
 
 def _format_from_accept(accept: str) -> str:

@@ -28,6 +28,8 @@ from app.pipeline.pages import first_page, select_pages
 from app.pipeline.repetition import RepetitionGuard
 from app.pipeline.table import TableNotFoundError, parse_table, to_markdown
 from app.request_context import current_request_id
+from app.service.job_store import JobStore
+from app.service.jobs import JobQueue
 from app.service.multipage import join_pages
 from app.service.runner import ModelState, Runner, Ticket
 from app.service.schemas import (
@@ -129,6 +131,7 @@ class InferenceService:
             lambda: 1 if self.placement is not None and self.placement.device_fallback else 0)
         self.placement: Placement | None = None
         self.loaded_at: int | None = None  # Unix time the model became ready
+        self.jobs: JobQueue | None = None  # opened by start(): accepted jobs run once the model is ready
 
     # --- lifecycle -------------------------------------------------------------------------------
     def build_engine(self) -> Engine:
@@ -163,6 +166,12 @@ class InferenceService:
         return engine
 
     async def start(self) -> None:
+        settings = self.settings
+        store = await asyncio.to_thread(JobStore, settings.jobs_db)
+        self.jobs = JobQueue(store, self.runner, self._run_job, self.prometheus, ttl_s=settings.job_ttl_s,
+                             max_jobs=settings.max_jobs, concurrency=settings.max_batch_size or 8,
+                             stale_after_s=settings.request_timeout_s + 60)
+        self.jobs.start()
         await self.runner.load(self.engine_factory, self.decoder.warm())
         engine = self.runner.engine
         if engine is not None:
@@ -174,9 +183,18 @@ class InferenceService:
                 loaded.model_id, loaded.adapter.path if loaded.adapter else "none", loaded.placement.device,
                 loaded.placement.dtype_name).set(1)
 
+    async def stop_jobs(self) -> None:
+        if self.jobs is not None:
+            await self.jobs.stop()
+            self.jobs.store.close()
+
     def close(self) -> None:
         self.runner.close()
         self.decoder.close()
+
+    async def _run_job(self, data: bytes, params: dict, ticket: Ticket) -> InferResponse:
+        return await self.infer(data, InferParams(prompt=params["prompt"], max_new_tokens=params["max_new_tokens"],
+                                                  pages=params["pages"]), ticket)
 
     # --- inference -------------------------------------------------------------------------------
     async def prepare(self, data: bytes, params: InferParams, ticket: Ticket) -> PreparedRequest:
@@ -396,6 +414,8 @@ class InferenceService:
             phase=runner.phase,
             queue_depth=runner.queue_depth,
             in_flight=runner.in_flight,
+            queued_jobs=self.jobs.counts["queued"] if self.jobs else 0,
+            running_jobs=self.jobs.counts["running"] if self.jobs else 0,
             kv_cache=KVCacheInfo(**engine.cache_info()) if engine is not None else None,
             decode_mode=engine.decode_mode if engine is not None else None,
         )

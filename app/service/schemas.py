@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -105,6 +107,8 @@ class HealthResponse(BaseModel):
                               examples=["capturing CUDA graphs"])
     queue_depth: int = Field(description="admitted requests without a KV slot yet")
     in_flight: int = Field(description="requests holding a KV slot")
+    queued_jobs: int = Field(0, description="jobs accepted and not started yet")
+    running_jobs: int = Field(0, description="jobs running now (on any replica sharing the job store)")
     kv_cache: KVCacheInfo | None = None
     decode_mode: str | None = Field(None, description="cuda-graphs, or eager (with the reason on CUDA)")
     error: ErrorBody | None = Field(None, description="set whenever the status code is not 200")
@@ -136,3 +140,14 @@ class ServiceInfo(BaseModel):
     docs: str = "/docs"
     health: str = "/health"
     metrics: str = "/metrics"
+
+
+class JobStatus(BaseModel):
+    id: str = Field(description="unguessable: whoever holds it can read the result")
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    status_url: str
+    result_url: str
+    created_at: float = Field(description="Unix time, seconds")
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: ErrorBody | None = Field(None, description="why the job failed (status=failed)")

@@ -1,0 +1,114 @@
+"""HTTP routes of the job API: submit a diagram as a job (202 at once), poll it, fetch its result, cancel it.
+For work longer than a client, proxy or REQUEST_TIMEOUT_S waits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+
+from app.errors import InvalidRequestError, JobNotDoneError, JobNotFoundError, NoTableError, recorded_error
+from app.http.dependencies import ServiceDep
+from app.http.envelope import EnvelopedRoute, error_responses
+from app.http.routes import TABLE_FORMATS, check_form_parts
+from app.pipeline.imaging import ACCEPTED_TEXT
+from app.service.job_store import Job
+from app.service.schemas import ErrorBody, InferResponse, JobStatus
+
+router = APIRouter(prefix="/jobs", route_class=EnvelopedRoute, tags=["jobs"])
+_DESCRIPTIONS = {
+    404: "No such job: never submitted, forgotten, or its result expired after JOB_TTL_S",
+    409: "The job has not finished (retry after Retry-After), or it was cancelled",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return error_responses(*codes, descriptions=_DESCRIPTIONS)
+
+
+def _status(request: Request, job: Job) -> JobStatus:
+    error = job.error
+    return JobStatus(
+        id=job.id, status=job.status, status_url=str(request.url_for("read_job", job_id=job.id).path),
+        result_url=str(request.url_for("read_job_result", job_id=job.id).path), created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at,
+        error=ErrorBody(type=error["type"], message=error["message"], request_id=f"job-{job.id[:12]}")
+        if error else None)
+
+
+async def _job(service: Any, job_id: str) -> Job:
+    job = await service.jobs.get(job_id) if service.jobs is not None else None
+    if job is None:
+        raise JobNotFoundError()
+    return job
+
+
+@router.post("", status_code=202, response_model=JobStatus, operation_id="create_job",
+             summary="Submit a diagram as a job: 202 at once, the result later",
+             description=f"The same form as POST /infer ({ACCEPTED_TEXT}, BPMN, pages). The job runs when the model "
+             "has room, with the same admission and deadline as /infer counted from its start, and survives a "
+             "restart of the service. Poll `status_url`, then fetch `result_url`.",
+             responses=_errors(400, 401, 408, 413, 422, 500, 503))
+async def create_job(
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    file: Annotated[UploadFile, File(description=f"the diagram ({ACCEPTED_TEXT}, or BPMN XML)")],
+    prompt: Annotated[str, Form(max_length=4000, description="as in POST /infer")] = "",
+    max_new_tokens: Annotated[int, Form(ge=0, description="as in POST /infer")] = 0,
+    page: Annotated[int, Form(ge=1, le=10_000, description="as in POST /infer")] = 1,
+    pages: Annotated[str, Form(max_length=200, description="as in POST /infer")] = "1",
+    format: Annotated[Literal["json", "markdown", "csv"] | None,
+                      Form(description="how GET result answers: json (default), markdown or csv")] = None,
+) -> JobStatus:
+    check_form_parts(await request.form())
+    if page != 1 and pages.strip() != "1":
+        raise InvalidRequestError("send page or pages, not both")
+    params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": str(page) if page != 1 else pages,
+              "format": format or "json"}
+    job_id = await service.jobs.submit(params, await file.read())
+    status = _status(request, await _job(service, job_id))
+    response.headers["Location"] = status.status_url
+    return status
+
+
+@router.get("/{job_id}", response_model=JobStatus, operation_id="read_job", summary="A job's status",
+            responses=_errors(401, 404, 500))
+async def read_job(request: Request, job_id: str, service: ServiceDep) -> JobStatus:
+    return _status(request, await _job(service, job_id))
+
+
+@router.get("/{job_id}/result", response_model=InferResponse, operation_id="read_job_result",
+            summary="A finished job's answer: the body POST /infer would have given",
+            responses={**_errors(400, 401, 404, 409, 413, 415, 422, 500, 503, 504),
+                       200: {"content": {"text/markdown": {"schema": {"type": "string"}},
+                                         "text/csv": {"schema": {"type": "string"}}},
+                             "description": "JSON, or the table as markdown or CSV (the job's format)"}})
+async def read_job_result(job_id: str, service: ServiceDep) -> Any:
+    job = await _job(service, job_id)
+    if job.status in ("queued", "running"):
+        raise JobNotDoneError(f"the job is {job.status}; poll its status", headers={"Retry-After": "5"})
+    if job.status == "cancelled":
+        raise JobNotDoneError("the job was cancelled")
+    if job.status == "failed":
+        raise recorded_error(job.error["status"], job.error["type"], job.error["message"])
+    chosen = job.params.get("format", "json")
+    if chosen == "json":
+        return JSONResponse(job.result)
+    table = job.result.get("table")
+    if table is None:
+        raise NoTableError(f"the answer holds no table ({job.result.get('table_error')}); ask for format=json")
+    render, media_type = TABLE_FORMATS[chosen]
+    return Response(render(table["columns"], table["rows"]), media_type=media_type)
+
+
+@router.delete("/{job_id}", response_model=JobStatus, operation_id="delete_job",
+               summary="Cancel a queued or running job (200), or forget a finished one (204)",
+               responses={**_errors(401, 404, 500), 204: {"description": "forgotten"}})
+async def delete_job(request: Request, job_id: str, service: ServiceDep) -> Any:
+    job = await _job(service, job_id)
+    if job.status in ("queued", "running") and await service.jobs.cancel(job_id):
+        return _status(request, await _job(service, job_id))
+    await service.jobs.forget(job_id)
+    return Response(status_code=204)
