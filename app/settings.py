@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     jobs_db: Path = Field(Path.home() / ".cache" / "vlm-inference" / "jobs.sqlite3",
                           description="the job store (SQLite); put it on a volume so jobs survive the container")
     job_ttl_s: float = Field(86_400.0, gt=0, description="how long a finished job's result is kept")
+    job_timeout_s: float = Field(3600.0, gt=0, description="a job's deadline, from its start (REQUEST_TIMEOUT_S is "
+                                                           "for synchronous requests)")
     max_jobs: int = Field(100, ge=1, le=100_000, description="jobs queued or running at once; more get 503")
     cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
                                               "page ('*' for any); empty: none")

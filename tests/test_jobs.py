@@ -137,3 +137,11 @@ def test_a_job_survives_a_restart_of_the_service(tiny_model_dir, tmp_path):
             time.sleep(0.2)
         result = httpx.get(f"{base}/jobs/{job_id}/result").json()
         assert result["metadata"]["completion_tokens"] == 600
+
+
+def test_a_job_may_run_longer_than_a_synchronous_request(tmp_path):
+    with client_with(tmp_path, FakeEngine(generate_s=1.0), request_timeout_s=0.5, job_timeout_s=30) as client:
+        wait_for_status(client, "healthy")
+        assert client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")}).status_code == 504
+        job = submit(client)
+        assert wait_until(client, job["id"], {"done", "failed"})["status"] == "done"

@@ -47,8 +47,8 @@ async def _job(service: Any, job_id: str) -> Job:
 @router.post("", status_code=202, response_model=JobStatus, operation_id="create_job",
              summary="Submit a diagram as a job: 202 at once, the result later",
              description=f"The same form as POST /infer ({ACCEPTED_TEXT}, BPMN, pages). The job runs when the model "
-             "has room, with the same admission and deadline as /infer counted from its start, and survives a "
-             "restart of the service. Poll `status_url`, then fetch `result_url`.",
+             "has room, through the same admission as /infer, within JOB_TIMEOUT_S from its start, and survives "
+             "a restart of the service. Poll `status_url`, then fetch `result_url`.",
              responses=_errors(400, 401, 408, 413, 422, 500, 503))
 async def create_job(
     request: Request,

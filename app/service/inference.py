@@ -170,7 +170,7 @@ class InferenceService:
         store = await asyncio.to_thread(JobStore, settings.jobs_db)
         self.jobs = JobQueue(store, self.runner, self._run_job, self.prometheus, ttl_s=settings.job_ttl_s,
                              max_jobs=settings.max_jobs, concurrency=settings.max_batch_size or 8,
-                             stale_after_s=settings.request_timeout_s + 60)
+                             timeout_s=settings.job_timeout_s, stale_after_s=settings.job_timeout_s + 60)
         self.jobs.start()
         await self.runner.load(self.engine_factory, self.decoder.warm())
         engine = self.runner.engine
@@ -203,7 +203,7 @@ class InferenceService:
         with self._accounted():
             engine = self.runner.engine
             prompt, max_new_tokens = self._request_options(engine, params)
-            deadline = ticket.admitted_at + self.settings.request_timeout_s
+            deadline = ticket.admitted_at + (ticket.timeout_s or self.settings.request_timeout_s)
             prepared = await self._decode(data, engine, params.page, deadline)
             # Tokens and image patches here, in parallel with the steps the model thread is running.
             inputs = await asyncio.to_thread(self._prepare, engine, prepared.image, prompt)

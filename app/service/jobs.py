@@ -31,11 +31,12 @@ Infer = Callable[[bytes, dict[str, Any], Ticket], Awaitable[InferResponse]]
 
 class JobQueue:
     def __init__(self, store: JobStore, runner: Runner, infer: Infer, metrics: Metrics, *, ttl_s: float,
-                 max_jobs: int, concurrency: int, stale_after_s: float):
+                 max_jobs: int, concurrency: int, timeout_s: float, stale_after_s: float):
         self.store = store
         self.runner = runner
         self.infer = infer  # runs one job's request, exactly as /infer would
         self.metrics = metrics
+        self.timeout_s = timeout_s  # a job's deadline, from its start: longer than a synchronous request's
         self.stale_after_s = stale_after_s
         self.ttl_s = ttl_s
         self.max_jobs = max_jobs
@@ -130,7 +131,7 @@ class JobQueue:
     async def _run(self, job_id: str, params: dict[str, Any], data: bytes) -> None:
         request_id_var.set(f"job-{job_id[:12]}")  # this task's log lines and answer carry the job
         try:
-            ticket = self.runner.admit()
+            ticket = self.runner.admit(self.timeout_s)
         except (OverloadedError, NotReadyError):  # the model is full: the job waits its turn in the store
             await asyncio.to_thread(self.store.requeue, job_id)
             return

@@ -42,11 +42,12 @@ class Ticket:
     """An admitted request's place. It counts as waiting until its sequence gets a KV slot or the request
     ends, whichever comes first, and as admitted until the request ends."""
 
-    def __init__(self, runner: "Runner"):
+    def __init__(self, runner: "Runner", timeout_s: float | None = None):
         self._runner = runner
         self._released = False
         self._waiting = True
         self.admitted_at = time.perf_counter()
+        self.timeout_s = timeout_s  # its deadline, counted from admission (None: the service's default)
 
     def started(self) -> None:  # the model thread: its sequence got a slot
         self._runner._stop_waiting(self)
@@ -194,7 +195,7 @@ class Runner:
         if self.state != ModelState.ready:
             raise self.not_ready_error()
 
-    def admit(self) -> Ticket:
+    def admit(self, timeout_s: float | None = None) -> Ticket:
         """Reserve a place or raise at once (503 with Retry-After): not ready, draining, or queue full."""
         self.check_ready()
         if self._pending >= self.max_queue + self.engine.max_rows:
@@ -205,7 +206,7 @@ class Runner:
         self._pending += 1
         with self._lock:
             self._waiting += 1
-        return Ticket(self)
+        return Ticket(self, timeout_s)
 
     async def generate(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, *,
                        timeout_s: float) -> GenerationResult:
