@@ -65,11 +65,15 @@ def test_a_job_answers_what_infer_answers(tmp_path):
 def test_a_bad_file_fails_its_job_with_the_error_infer_would_give(tmp_path):
     with client_with(tmp_path) as client:
         wait_for_status(client, "healthy")
-        job = submit(client, b"not a picture")
+        refused = client.post("/jobs", files={"file": ("x.bin", b"not a picture", "image/png")})
+        assert refused.status_code == 415  # what needs no model is said at once, not by a failed job
+        assert client.post("/jobs", files={"file": ("d.png", diagram_png(), "image/png")},
+                           data={"pages": "two"}).status_code == 400
+        job = submit(client, diagram_png()[:200])  # a PNG by its signature, cut short: only decoding tells
         failed = wait_until(client, job["id"], {"failed"})
-        assert failed["error"]["type"] == "unsupported_media_type"
+        assert failed["error"]["type"] == "invalid_image"
         result = client.get(job["result_url"])
-        assert result.status_code == 415 and result.json()["error"]["type"] == "unsupported_media_type"
+        assert result.status_code == 400 and result.json()["error"]["type"] == "invalid_image"
 
 
 def test_a_cancelled_job_never_reaches_the_model(tmp_path):
@@ -145,3 +149,10 @@ def test_a_job_may_run_longer_than_a_synchronous_request(tmp_path):
         assert client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")}).status_code == 504
         job = submit(client)
         assert wait_until(client, job["id"], {"done", "failed"})["status"] == "done"
+
+
+def test_a_wrong_method_names_every_method_of_the_path(tmp_path):
+    with client_with(tmp_path) as client:
+        response = client.request("PUT", "/jobs/some-id")
+        assert response.status_code == 405 and response.headers["Allow"] == "DELETE, GET"
+        assert client.request("PUT", "/infer").headers["Allow"] == "POST"

@@ -4,6 +4,7 @@ errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, which
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -93,6 +94,17 @@ class EnvelopedRoute(APIRoute):
         return handle
 
 
+def _documented_methods(request: Request) -> list[str]:
+    """Every documented method on this path. Starlette's Allow names only the first route the path matched,
+    and a path served by several routes (GET and DELETE /jobs/{id}) would lose the others."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -108,8 +120,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             mapped = NotFoundError(f"no route {request.method} {request.url.path}; see /docs")
         elif exc.status_code == 405:
+            allowed = _documented_methods(request)
+            headers = {"Allow": ", ".join(allowed)} if allowed else dict(exc.headers or {})
             mapped = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}; see /docs",
-                                           headers=dict(exc.headers or {}))  # keeps the Allow header
+                                           headers=headers)
         else:
             mapped = InvalidRequestError(str(exc.detail))
             mapped.status_code = exc.status_code if 400 <= exc.status_code < 500 else 400

@@ -8,11 +8,20 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
-from app.errors import InvalidRequestError, JobNotDoneError, JobNotFoundError, NoTableError, recorded_error
+from app.errors import (
+    InvalidRequestError,
+    JobNotDoneError,
+    JobNotFoundError,
+    NoTableError,
+    UnsupportedMediaError,
+    recorded_error,
+)
 from app.http.dependencies import ServiceDep
 from app.http.envelope import EnvelopedRoute, error_responses
 from app.http.routes import TABLE_FORMATS, check_form_parts
-from app.pipeline.imaging import ACCEPTED_TEXT
+from app.pipeline.bpmn import looks_like_bpmn
+from app.pipeline.imaging import ACCEPTED_TEXT, sniff_format
+from app.pipeline.pages import first_page
 from app.service.job_store import Job
 from app.service.schemas import ErrorBody, InferResponse, JobStatus
 
@@ -49,7 +58,7 @@ async def _job(service: Any, job_id: str) -> Job:
              description=f"The same form as POST /infer ({ACCEPTED_TEXT}, BPMN, pages). The job runs when the model "
              "has room, through the same admission as /infer, within JOB_TIMEOUT_S from its start, and survives "
              "a restart of the service. Poll `status_url`, then fetch `result_url`.",
-             responses=_errors(400, 401, 408, 413, 422, 500, 503))
+             responses=_errors(400, 401, 408, 413, 415, 422, 500, 503))
 async def create_job(
     request: Request,
     response: Response,
@@ -67,7 +76,12 @@ async def create_job(
         raise InvalidRequestError("send page or pages, not both")
     params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": str(page) if page != 1 else pages,
               "format": format or "json"}
-    job_id = await service.jobs.submit(params, await file.read())
+    data = await file.read()
+    # What can be told without the model is told now, not as a failed job later.
+    first_page(params["pages"])
+    if sniff_format(data) is None and not looks_like_bpmn(data):
+        raise UnsupportedMediaError(f"not a supported file: accepted formats are {ACCEPTED_TEXT}, and BPMN XML")
+    job_id = await service.jobs.submit(params, data)
     status = _status(request, await _job(service, job_id))
     response.headers["Location"] = status.status_url
     return status
