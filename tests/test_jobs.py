@@ -109,6 +109,8 @@ def test_results_expire_max_jobs_holds_and_the_key_is_needed(tmp_path):
                      max_jobs=2) as client:
         wait_for_status(client, "healthy")
         assert client.post("/jobs", files={"file": ("d.png", diagram_png(), "image/png")}).status_code == 401
+        too_big = client.post("/jobs", files={"file": ("d.png", b"x" * 21 * 2 ** 20, "image/png")}, headers=key)
+        assert too_big.status_code == 413 and "MAX_UPLOAD_MB=20" in too_big.json()["error"]["message"]
         first, second = submit(client, headers=key), submit(client, headers=key)
         full = client.post("/jobs", files={"file": ("d.png", diagram_png(), "image/png")}, headers=key)
         assert full.status_code == 503 and full.headers["Retry-After"]

@@ -151,13 +151,13 @@ async def _refuse(error: ServiceError, path: str, scope: Scope, receive: Receive
 
 def body_limit(path: str, max_upload_bytes: int) -> int:
     """A JSON body carries the image base64-encoded: 4/3 of its bytes, plus room for the rest of the request."""
-    return max_upload_bytes if path == INFERENCE_PATH else max_upload_bytes * 4 // 3 + JSON_ALLOWANCE_BYTES
+    return max_upload_bytes if path in (INFERENCE_PATH, JOBS_PATH) else max_upload_bytes * 4 // 3 + JSON_ALLOWANCE_BYTES
 
 
 JSON_ALLOWANCE_BYTES = 64 * 1024
 
 
 def _too_large(max_upload_mb: float, path: str) -> str:
-    if path == INFERENCE_PATH:
+    if path in (INFERENCE_PATH, JOBS_PATH):
         return f"the upload is larger than MAX_UPLOAD_MB={max_upload_mb:g} MiB"
     return f"the request body is larger than an image of MAX_UPLOAD_MB={max_upload_mb:g} MiB takes, base64-encoded"
