@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.open_jobs()  # jobs are accepted from the first request, while the model loads
         # Load in the background: the port answers /health (503 loading) while weights load.
         loading = asyncio.create_task(service.start(), name="model-load")
         try:

@@ -165,13 +165,16 @@ class InferenceService:
             logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
         return engine
 
-    async def start(self) -> None:
+    async def open_jobs(self) -> None:
+        """Open the job store and start its worker (which waits for the model): before the port takes requests."""
         settings = self.settings
         store = await asyncio.to_thread(JobStore, settings.jobs_db)
         self.jobs = JobQueue(store, self.runner, self._run_job, self.prometheus, ttl_s=settings.job_ttl_s,
                              max_jobs=settings.max_jobs, concurrency=settings.max_batch_size or 8,
                              timeout_s=settings.job_timeout_s, stale_after_s=settings.job_timeout_s + 60)
         self.jobs.start()
+
+    async def start(self) -> None:
         await self.runner.load(self.engine_factory, self.decoder.warm())
         engine = self.runner.engine
         if engine is not None:
