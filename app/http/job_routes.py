@@ -9,7 +9,6 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.errors import (
-    InvalidRequestError,
     JobNotDoneError,
     JobNotFoundError,
     NoTableError,
@@ -18,10 +17,11 @@ from app.errors import (
 )
 from app.http.dependencies import ServiceDep
 from app.http.envelope import EnvelopedRoute, error_responses
-from app.http.routes import TABLE_FORMATS, check_form_parts
+from app.http.routes import TABLE_FORMATS, check_form_parts, pages_asked
 from app.pipeline.bpmn import looks_like_bpmn
 from app.pipeline.imaging import ACCEPTED_TEXT, sniff_format
 from app.pipeline.pages import first_page
+from app.service.chat_schemas import PROMPT_MAX_CHARS
 from app.service.job_store import Job
 from app.service.schemas import ErrorBody, InferResponse, JobStatus
 
@@ -64,7 +64,7 @@ async def create_job(
     response: Response,
     service: ServiceDep,
     file: Annotated[UploadFile, File(description=f"the diagram ({ACCEPTED_TEXT}, or BPMN XML)")],
-    prompt: Annotated[str, Form(max_length=4000, description="as in POST /infer")] = "",
+    prompt: Annotated[str, Form(max_length=PROMPT_MAX_CHARS, description="as in POST /infer")] = "",
     max_new_tokens: Annotated[int, Form(ge=0, description="as in POST /infer")] = 0,
     page: Annotated[int, Form(ge=1, le=10_000, description="as in POST /infer")] = 1,
     pages: Annotated[str, Form(max_length=200, description="as in POST /infer")] = "1",
@@ -72,9 +72,7 @@ async def create_job(
                       Form(description="how GET result answers: json (default), markdown or csv")] = None,
 ) -> JobStatus:
     check_form_parts(await request.form())
-    if page != 1 and pages.strip() != "1":
-        raise InvalidRequestError("send page or pages, not both")
-    params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": str(page) if page != 1 else pages,
+    params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": pages_asked(page, pages),
               "format": format or "json"}
     data = await file.read()
     # What can be told without the model is told now, not as a failed job later.

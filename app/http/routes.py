@@ -18,6 +18,7 @@ from app.metrics import wants_prometheus
 from app.pipeline.imaging import ACCEPTED_TEXT
 from app.pipeline.table import to_csv, to_markdown
 from app.request_context import current_request_id
+from app.service.chat_schemas import PROMPT_MAX_CHARS
 from app.service.inference import InferParams
 from app.service.schemas import ErrorBody, HealthResponse, InferResponse, MetricsResponse, ServiceInfo
 
@@ -45,7 +46,7 @@ async def infer_diagram(
     file: Annotated[UploadFile, File(description=f"the diagram image ({ACCEPTED_TEXT})")],
     # Plain defaults ("" and 0), not null: Swagger UI would otherwise pre-fill "string" and 1.
     prompt: Annotated[str, Form(description="override the instruction for this request; empty = the default",
-                                max_length=4000)] = "",
+                                max_length=PROMPT_MAX_CHARS)] = "",
     max_new_tokens: Annotated[int, Form(ge=0, description="cap on generated tokens, up to MAX_NEW_TOKENS; "
                                         "0 = the default")] = 0,
     page: Annotated[int, Form(ge=1, le=10_000, description="PDF or TIFF page to read (1-based); or use pages")] = 1,
@@ -57,9 +58,7 @@ async def infer_diagram(
     check_form_parts(await request.form())  # already parsed by FastAPI: no second read
     ticket = request.state.ticket
     data = await file.read()
-    if page != 1 and pages.strip() != "1":
-        raise InvalidRequestError("send page or pages, not both")
-    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, pages=str(page) if page != 1 else pages)
+    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, pages=pages_asked(page, pages))
     result = await until_disconnect(request, service.infer(data, params, ticket))
     note_answer(result.metadata)
     chosen = format or _format_from_accept(request.headers.get("accept", ""))
@@ -69,6 +68,13 @@ async def infer_diagram(
         raise NoTableError(f"the answer holds no table ({result.table_error}); ask for format=json to see it")
     render, media_type = TABLE_FORMATS[chosen]
     return Response(render(result.table.columns, result.table.rows), media_type=media_type)
+
+
+def pages_asked(page: int, pages: str) -> str:
+    """The one pages spec of a form that may say ``page`` (the older field) or ``pages``."""
+    if page != 1 and pages.strip() != "1":
+        raise InvalidRequestError("send page or pages, not both")
+    return str(page) if page != 1 else pages
 
 
 INFER_FIELDS = frozenset({"file", "prompt", "max_new_tokens", "page", "pages", "format"})
