@@ -28,6 +28,12 @@ RUN useradd --uid "${APP_UID}" --home-dir /root --no-create-home --shell /usr/sb
     && chown -R app:app /root/.cache /app/models /app/jobs \
     && chmod 755 /root
 
+# Fonts for SVG uploads: resvg draws a diagram's labels with the system's fonts (DejaVu covers Latin and
+# Cyrillic); without any, an SVG with text is refused rather than read with its labels missing.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-dejavu-core=2.37-6 \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 # Dependencies first: this layer is reused until requirements.txt changes.
 COPY requirements.txt .

@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from app.errors import InvalidImageError, InvalidRequestError, PayloadTooLargeError, UnsupportedMediaError
+from app.pipeline import svg
 
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PDF")
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PDF", "SVG")
 ACCEPTED_TEXT = ", ".join(ACCEPTED_FORMATS)
 MAX_ASPECT_RATIO = 200  # the Qwen-VL processors refuse anything more extreme
-_PDF_MAX_SCALE = 4.0  # 288 dpi: past that a PDF page gains no legibility, only pixels
+_VECTOR_MAX_SCALE = 4.0  # 288 dpi: past that a PDF page or an SVG gains no legibility, only pixels
 _pdfium_lock = threading.Lock()  # pdfium is not thread-safe
 
 
@@ -72,6 +73,8 @@ def sniff_format(data: bytes) -> str | None:
         return "TIFF"
     if b"%PDF-" in data[:1024]:  # the PDF spec allows junk before the header
         return "PDF"
+    if svg.looks_like_svg(data):
+        return "SVG"
     return None
 
 
@@ -140,13 +143,26 @@ def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pi
             _check_aspect(round(width_pt), round(height_pt), f"PDF page {page} (in points)")
             # Render straight at the resolution the model will see, never bigger than the decode limit.
             budget = min(geometry.max_pixels, max_decoded_pixels)
-            scale = min(_PDF_MAX_SCALE, math.sqrt(budget / (width_pt * height_pt)))
+            scale = min(_VECTOR_MAX_SCALE, math.sqrt(budget / (width_pt * height_pt)))
             bitmap = pdf_page.render(scale=scale, fill_color=(255, 255, 255, 255))
             return bitmap.to_pil().convert("RGB"), pages
         except pdfium.PdfiumError as error:
             raise InvalidImageError(f"cannot render the PDF page: {_one_line(error)}") from None
         finally:
             document.close()
+
+
+def _render_svg(data: bytes, geometry: VisionGeometry, max_decoded_pixels: int) -> Image.Image:
+    """Like a PDF page: drawn straight at the resolution the model will see, never past the decode limit,
+    whatever size the file declares."""
+    document = svg.parse_svg(data, max_decoded_pixels)
+    if not (0 < document.width < math.inf and 0 < document.height < math.inf):
+        raise InvalidImageError(f"the SVG declares a size with no area ({document.width:g}x{document.height:g})")
+    _check_aspect(document.width, document.height, "the SVG's declared size")
+    budget = min(geometry.max_pixels, max_decoded_pixels)
+    image = svg.rasterise(document, svg.fit_box(document.width, document.height, budget, _VECTOR_MAX_SCALE))
+    _check_pixels(*image.size, max_decoded_pixels)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -198,9 +214,11 @@ def prepare_image(data: bytes, geometry: VisionGeometry, *, page: int = 1,
         raise UnsupportedMediaError(f"not a supported image: accepted formats are {ACCEPTED_TEXT}")
     if fmt == "PDF":
         image, pages = _render_pdf(data, page, geometry, max_decoded_pixels)
+    elif page != 1 and fmt not in MULTI_PAGE_RASTERS:
+        raise InvalidRequestError(f"page={page} applies to PDF and TIFF uploads only; this file is {fmt}")
+    elif fmt == "SVG":
+        image, pages = _render_svg(data, geometry, max_decoded_pixels), 1
     else:
-        if page != 1 and fmt not in MULTI_PAGE_RASTERS:
-            raise InvalidRequestError(f"page={page} applies to PDF and TIFF uploads only; this file is {fmt}")
         image, pages = _decode_raster(data, fmt, max_decoded_pixels, page)
     received = image.size
     size = model_size(*received, geometry)

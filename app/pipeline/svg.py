@@ -1,0 +1,185 @@
+"""SVG uploads -> a raster the size the model will see, drawn by resvg, with nothing outside the file read.
+
+resvg has no network and no script engine, but it does read files named by ``href`` (an ``<image>`` pointing at
+``/etc/…`` would be drawn into the diagram, or ``/dev/zero`` read forever). So the document is parsed first and
+every reference that is not inside the file is dropped; embedded pictures count against the same pixel limit as
+any upload. Text needs fonts: where none are installed a diagram's labels would silently vanish, so such a file
+is refused instead (the container image ships DejaVu).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import math
+import os
+import re
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from app.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
+
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+XLINK_NAMESPACE = "http://www.w3.org/1999/xlink"
+ElementTree.register_namespace("", SVG_NAMESPACE)  # serialised back as plain <svg>, as resvg expects
+ElementTree.register_namespace("xlink", XLINK_NAMESPACE)
+
+# Root element after any XML declaration, comments and DOCTYPE: how the file is recognised.
+_ROOT = re.compile(rb"\A(?:\s|<\?.*?\?>|<!--.*?-->|<!DOCTYPE[^>\[]*(?:\[.*?\])?\s*>)*<(?:[A-Za-z_][\w.-]*:)?svg[\s/>]",
+                   re.DOTALL | re.IGNORECASE)
+# Entities are how XML expands a few bytes into gigabytes or pulls in other files; diagram exporters do not
+# need them (a plain DOCTYPE line, as draw.io writes, is fine: the parser never fetches the DTD).
+_DECLARATION = re.compile(rb"<!ENTITY|<!DOCTYPE[^>\[]*\[", re.IGNORECASE)
+_RASTERS = {"PNG", "JPEG", "GIF", "WEBP"}  # what resvg draws from an embedded picture
+_UNITS_PX = {"": 1.0, "px": 1.0, "pt": 96 / 72, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54, "in": 96.0,
+             "em": 16.0, "ex": 8.0}
+_LENGTH = re.compile(r"^\s*([+]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-z]*)\s*$")
+FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
+
+
+@dataclass(frozen=True)
+class SvgDocument:
+    """A parsed, cleaned SVG: the text handed to resvg and the size it declares (CSS px)."""
+
+    text: str
+    width: float
+    height: float
+    has_text: bool
+
+
+def looks_like_svg(data: bytes) -> bool:
+    """XML whose root element is ``svg``, judged from the start of the file."""
+    return _ROOT.match(data[:4096].lstrip(b"\xef\xbb\xbf")) is not None
+
+
+def _local(name: str) -> str:
+    return name.rsplit("}", 1)[-1]
+
+
+def _length_px(value: str | None) -> float | None:
+    """An absolute SVG length in px; None for a percentage, an unknown unit or nothing."""
+    match = _LENGTH.match(value or "")
+    if not match or match.group(2) not in _UNITS_PX:
+        return None
+    return float(match.group(1)) * _UNITS_PX[match.group(2)]
+
+
+def declared_size(root: ElementTree.Element) -> tuple[float, float]:
+    """The size resvg will give the drawing: width/height when absolute, else from the viewBox (keeping its
+    aspect when one side is given), else 100x100 as the SVG spec says."""
+    width, height = _length_px(root.get("width")), _length_px(root.get("height"))
+    try:
+        box = [float(part) for part in re.split(r"[\s,]+", (root.get("viewBox") or "").strip())]
+    except ValueError:
+        box = []
+    if len(box) == 4 and box[2] > 0 and box[3] > 0:
+        if width is None and height is None:
+            width, height = box[2], box[3]
+        elif width is None:
+            width = height * box[2] / box[3]
+        elif height is None:
+            height = width * box[3] / box[2]
+    return (width if width is not None else 100.0), (height if height is not None else 100.0)
+
+
+def _embedded_picture(href: str) -> Image.Image | None:
+    """The picture a ``data:`` URL holds (header read only), or None when it is not one resvg would draw."""
+    header, _, payload = href[5:].partition(",")
+    try:
+        raw = base64.b64decode(payload, validate=False) if header.endswith(";base64") else \
+            urllib.parse.unquote_to_bytes(payload)
+        picture = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:
+        raise PayloadTooLargeError("a picture embedded in the SVG declares more pixels than Pillow's bomb limit; "
+                                   "send a smaller export") from None
+    except (binascii.Error, ValueError, OSError, SyntaxError):
+        return None
+    return picture if picture.format in _RASTERS else None  # an SVG inside an SVG could name files again
+
+
+def _drop_outside_references(root: ElementTree.Element, max_pixels: int) -> None:
+    """Remove every ``href`` that points outside the document. Pictures embedded as ``data:`` URLs stay, up to
+    ``max_pixels`` in all (a small PNG can declare gigapixels)."""
+    embedded_pixels = 0
+    for element in root.iter():
+        for name in [name for name in element.attrib if _local(name) == "href"]:
+            href = element.attrib[name].strip()
+            if href.startswith("#"):
+                continue  # a link inside the document: gradients, <use>, markers
+            picture = _embedded_picture(href) if href[:5].lower() == "data:" else None
+            if picture is None:
+                del element.attrib[name]
+                continue
+            embedded_pixels += picture.width * picture.height
+            if embedded_pixels > max_pixels:
+                raise PayloadTooLargeError(f"the pictures embedded in the SVG hold more than {max_pixels} pixels; "
+                                           "send a smaller export")
+
+
+def parse_svg(data: bytes, max_pixels: int) -> SvgDocument:
+    """Parse and clean an SVG upload. Raises InvalidImageError (400) for entities or broken XML."""
+    if _DECLARATION.search(data):
+        raise InvalidImageError("the SVG declares entities or a DTD subset, which are refused (entity expansion, "
+                                "external files); export it without them")
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError as error:
+        raise InvalidImageError(f"cannot read the SVG XML: {error}") from None
+    if _local(root.tag) != "svg":
+        raise InvalidImageError(f"the XML's root element is <{_local(root.tag)}>, not <svg>")
+    _drop_outside_references(root, max_pixels)
+    width, height = declared_size(root)
+    has_text = any(_local(element.tag) in ("text", "tspan", "textPath") for element in root.iter())
+    return SvgDocument(ElementTree.tostring(root, encoding="unicode"), width, height, has_text)
+
+
+def _font_dirs() -> list[Path]:
+    """Where resvg's font database looks on Linux (fontconfig's usual folders)."""
+    home = Path.home()
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    return [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), home / ".fonts", data_home / "fonts"]
+
+
+@functools.cache
+def fonts_installed() -> bool:
+    for folder in _font_dirs():
+        try:
+            if any(path.suffix.lower() in FONT_SUFFIXES for path in folder.rglob("*")):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def rasterise(document: SvgDocument, box: tuple[int, int]) -> Image.Image:
+    """Draw ``document`` to fit ``box`` (width, height) px, aspect kept, on white."""
+    import resvg_py
+
+    if document.has_text and not fonts_installed():
+        raise UnsupportedMediaError("this server has no fonts installed, so the SVG's text cannot be drawn; send "
+                                    "the diagram as PNG or PDF (operators: install a font package such as "
+                                    "fonts-dejavu-core)")
+    try:
+        png = resvg_py.svg_to_bytes(svg_string=document.text, width=box[0], height=box[1],
+                                    dpi=96.0, background="white")  # dpi: resvg-py's default 0 makes mm and pt 0 px
+    except Exception as error:  # noqa: BLE001 - resvg reports every malformed document as a plain exception
+        raise InvalidImageError(f"cannot render the SVG: {str(error)[:200]}") from None
+    except BaseException as error:  # a Rust panic arrives as pyo3's PanicException, a BaseException
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise InvalidImageError("the SVG renderer failed on this file") from None
+    image = Image.open(io.BytesIO(bytes(png)))
+    image.load()
+    return image
+
+
+def fit_box(width: float, height: float, budget_pixels: int, max_scale: float) -> tuple[int, int]:
+    """The render size: the declared size scaled to at most ``budget_pixels`` and ``max_scale``."""
+    scale = min(max_scale, math.sqrt(budget_pixels / (width * height)))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
