@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 
 import httpx
@@ -10,9 +11,11 @@ from fastapi.testclient import TestClient
 
 from app.http.app import create_app
 from app.service.inference import InferenceService
+from app.service.job_store import JobStore
 from app.settings import Settings
 
 from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status
+from .test_pages import document
 from .test_server import running_server
 
 
@@ -60,6 +63,26 @@ def test_a_job_answers_what_infer_answers(tmp_path):
         assert client.get(markdown["result_url"]).headers["content-type"].startswith("text/markdown")
         assert client.delete(f"/jobs/{job['id']}").status_code == 204  # forgotten
         assert client.get(f"/jobs/{job['id']}").status_code == 404
+
+
+def test_a_job_reports_its_progress_page_by_page(tmp_path):
+    engine = FakeEngine(generate_s=0.4, max_rows=1)  # one page at a time: progress has steps to see
+    with client_with(tmp_path, engine, load_s=0.5) as client:
+        job = submit(client, document(3), pages="all")
+        assert job["progress"] is None  # queued: the file is not opened yet
+        wait_for_status(client, "healthy")
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = client.get(f"/jobs/{job['id']}").json()
+            seen.append(status["progress"])
+            if status["status"] == "done":
+                break
+            time.sleep(0.05)
+        assert seen[-1] == {"pages_done": 3, "pages_total": 3}
+        assert {"pages_done": 1, "pages_total": 3} in seen or {"pages_done": 2, "pages_total": 3} in seen, seen
+        single = submit(client)
+        assert wait_until(client, single["id"], {"done"})["progress"] == {"pages_done": 1, "pages_total": 1}
 
 
 def test_a_bad_file_fails_its_job_with_the_error_infer_would_give(tmp_path):
@@ -158,3 +181,21 @@ def test_a_wrong_method_names_every_method_of_the_path(tmp_path):
         response = client.request("PUT", "/jobs/some-id")
         assert response.status_code == 405 and response.headers["Allow"] == "DELETE, GET"
         assert client.request("PUT", "/infer").headers["Allow"] == "POST"
+
+
+def test_a_database_from_before_progress_opens_with_its_jobs(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, params TEXT NOT NULL, file BLOB, "
+                "result TEXT, error TEXT, owner TEXT, created_at REAL NOT NULL, started_at REAL, finished_at REAL)")
+    old.execute("INSERT INTO jobs (id, status, params, created_at) VALUES ('abc', 'queued', '{}', 1.0)")
+    old.commit()
+    old.close()
+    store = JobStore(path)
+    try:
+        assert store.get("abc").status == "queued" and store.get("abc").pages_total is None
+        store.claim_next("here")
+        store.progress("abc", 1, 2)
+        assert (store.get("abc").pages_done, store.get("abc").pages_total) == (1, 2)
+    finally:
+        store.close()

@@ -23,7 +23,7 @@ from app.pipeline.imaging import ACCEPTED_TEXT, sniff_format
 from app.pipeline.pages import first_page
 from app.service.chat_schemas import PROMPT_MAX_CHARS
 from app.service.job_store import Job
-from app.service.schemas import ErrorBody, InferResponse, JobStatus
+from app.service.schemas import ErrorBody, InferResponse, JobProgress, JobStatus
 
 router = APIRouter(prefix="/jobs", route_class=EnvelopedRoute, tags=["jobs"])
 _DESCRIPTIONS = {
@@ -42,6 +42,8 @@ def _status(request: Request, job: Job) -> JobStatus:
         id=job.id, status=job.status, status_url=str(request.url_for("read_job", job_id=job.id).path),
         result_url=str(request.url_for("read_job_result", job_id=job.id).path), created_at=job.created_at,
         started_at=job.started_at, finished_at=job.finished_at,
+        progress=JobProgress(pages_done=job.pages_done or 0, pages_total=job.pages_total)
+        if job.pages_total is not None else None,
         error=ErrorBody(type=error["type"], message=error["message"], request_id=f"job-{job.id[:12]}")
         if error else None)
 

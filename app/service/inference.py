@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 from PIL import Image
 
@@ -45,6 +45,12 @@ from app.service.schemas import (
 from app.settings import Settings, removed_settings_in
 
 logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], Awaitable[None]]  # (pages done, pages in all): how a job reports how far it got
+
+
+async def _no_progress(done: int, total: int) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -195,9 +201,9 @@ class InferenceService:
         self.runner.close()
         self.decoder.close()
 
-    async def _run_job(self, data: bytes, params: dict, ticket: Ticket) -> InferResponse:
+    async def _run_job(self, data: bytes, params: dict, ticket: Ticket, progress: Progress) -> InferResponse:
         return await self.infer(data, InferParams(prompt=params["prompt"], max_new_tokens=params["max_new_tokens"],
-                                                  pages=params["pages"]), ticket)
+                                                  pages=params["pages"]), ticket, progress)
 
     # --- inference -------------------------------------------------------------------------------
     async def prepare(self, data: bytes, params: InferParams, ticket: Ticket) -> PreparedRequest:
@@ -215,30 +221,43 @@ class InferenceService:
             return PreparedRequest(engine, prepared.facts, inputs, max_new_tokens, ticket, time.perf_counter(),
                                    deadline)
 
-    async def infer(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
+    async def infer(self, data: bytes, params: InferParams, ticket: Ticket,
+                    progress: Progress = _no_progress) -> InferResponse:
         if looks_like_bpmn(data):
-            return await self.read_bpmn(data, params, ticket)
+            response = await self.read_bpmn(data, params, ticket)
+            await progress(1, 1)
+            return response
         first = first_page(params.pages)
         request = await self.prepare(data, dataclasses.replace(params, page=first), ticket)
         if params.pages.strip() == str(first):  # one page: the answer as it always was
-            return await self.complete(request)
+            await progress(0, 1)
+            response = await self.complete(request)
+            await progress(1, 1)
+            return response
         pages = select_pages(params.pages, request.image.page_count, self.settings.max_pages)
-        return await self._infer_pages(data, params, ticket, request, pages)
+        return await self._infer_pages(data, params, ticket, request, pages, progress)
 
     async def _infer_pages(self, data: bytes, params: InferParams, ticket: Ticket, first: PreparedRequest,
-                           pages: list[int]) -> InferResponse:
+                           pages: list[int], progress: Progress) -> InferResponse:
         """Every page as its own sequence, generated concurrently (the batcher runs them side by side); a page
         that fails says so in its entry while the others answer."""
+        done = 0
+        await progress(done, len(pages))
 
         async def one(page: int, prepared: PreparedRequest | None = None) -> InferResponse | ServiceError:
+            nonlocal done
+            outcome: InferResponse | ServiceError
             try:
                 prepared = prepared or await self.prepare(data, dataclasses.replace(params, page=page), ticket)
-                return await self.complete(prepared, count_request=False)
+                outcome = await self.complete(prepared, count_request=False)
             except ServiceError as error:
-                return error
+                outcome = error
             except Exception:  # noqa: BLE001 - a device error on one page: that page failed, say so
                 logger.exception("page %d failed", page)
-                return ServiceError()
+                outcome = ServiceError()
+            done += 1  # answered or failed, the page is behind us
+            await progress(done, len(pages))
+            return outcome
 
         outcomes = await asyncio.gather(one(pages[0], first), *(one(page) for page in pages[1:]))
         elapsed = time.perf_counter() - ticket.admitted_at

@@ -27,10 +27,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner TEXT,                      -- the replica running it
     created_at REAL NOT NULL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    pages_done INTEGER,              -- progress of a running job; NULL until it knows its page count
+    pages_total INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 """
+# Columns added after the first release: a database written by it gains them on open.
+ADDED_COLUMNS = {"pages_done": "INTEGER", "pages_total": "INTEGER"}
 UNFINISHED = ("queued", "running")
 
 
@@ -44,6 +48,8 @@ class Job:
     finished_at: float | None
     result: dict[str, Any] | None
     error: dict[str, Any] | None
+    pages_done: int | None = None
+    pages_total: int | None = None
 
 
 class JobStore:
@@ -52,6 +58,10 @@ class JobStore:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._lock = threading.Lock()
 
     def _query(self, sql: str, *args: Any) -> list[tuple]:
@@ -65,13 +75,13 @@ class JobStore:
         return job_id
 
     def get(self, job_id: str) -> Job | None:
-        rows = self._query("SELECT id, status, params, created_at, started_at, finished_at, result, error "
-                           "FROM jobs WHERE id = ?", job_id)
+        rows = self._query("SELECT id, status, params, created_at, started_at, finished_at, result, error, "
+                           "pages_done, pages_total FROM jobs WHERE id = ?", job_id)
         if not rows:
             return None
         row = rows[0]
         return Job(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5],
-                   json.loads(row[6]) if row[6] else None, json.loads(row[7]) if row[7] else None)
+                   json.loads(row[6]) if row[6] else None, json.loads(row[7]) if row[7] else None, row[8], row[9])
 
     def claim_next(self, owner: str) -> tuple[str, dict[str, Any], bytes] | None:
         """The oldest queued job, marked running in the same transaction (one claimant, whatever the replica)."""
@@ -81,8 +91,8 @@ class JobStore:
                 row = self._db.execute("SELECT id, params, file FROM jobs WHERE status = 'queued' "
                                        "ORDER BY created_at LIMIT 1").fetchone()
                 if row is not None:
-                    self._db.execute("UPDATE jobs SET status = 'running', started_at = ?, owner = ? WHERE id = ?",
-                                     (time.time(), owner, row[0]))
+                    self._db.execute("UPDATE jobs SET status = 'running', started_at = ?, owner = ?, "
+                                     "pages_done = NULL, pages_total = NULL WHERE id = ?", (time.time(), owner, row[0]))
             finally:
                 self._db.execute("COMMIT")
         return (row[0], json.loads(row[1]), row[2]) if row is not None else None
@@ -97,6 +107,10 @@ class JobStore:
                 (status, json.dumps(result) if result is not None else None,
                  json.dumps(error) if error is not None else None, time.time(), job_id)).rowcount
         return bool(changed)
+
+    def progress(self, job_id: str, done: int, total: int) -> None:
+        self._query("UPDATE jobs SET pages_done = ?, pages_total = ? WHERE id = ? AND status = 'running'",
+                    done, total, job_id)
 
     def requeue(self, job_id: str) -> None:
         self._query("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ? AND status = 'running'", job_id)

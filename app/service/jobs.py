@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 TICK_S = 1.0  # how often the worker looks for work, cancellations and expired results
 
 
-Infer = Callable[[bytes, dict[str, Any], Ticket], Awaitable[InferResponse]]
+Progress = Callable[[int, int], Awaitable[None]]
+Infer = Callable[[bytes, dict[str, Any], Ticket, Progress], Awaitable[InferResponse]]
 
 
 class JobQueue:
@@ -136,8 +137,12 @@ class JobQueue:
             await asyncio.to_thread(self.store.requeue, job_id)
             return
         started = time.perf_counter()
+
+        async def progress(done: int, total: int) -> None:
+            await asyncio.to_thread(self.store.progress, job_id, done, total)
+
         try:
-            response = await self.infer(data, params, ticket)
+            response = await self.infer(data, params, ticket, progress)
         except asyncio.CancelledError:
             if self._stopping:  # shutting down: the job runs again after the restart
                 await asyncio.to_thread(self.store.requeue, job_id)

@@ -142,6 +142,11 @@ class ServiceInfo(BaseModel):
     metrics: str = "/metrics"
 
 
+class JobProgress(BaseModel):
+    pages_done: int
+    pages_total: int
+
+
 class JobStatus(BaseModel):
     id: str = Field(description="unguessable: whoever holds it can read the result")
     status: Literal["queued", "running", "done", "failed", "cancelled"]
@@ -150,4 +155,6 @@ class JobStatus(BaseModel):
     created_at: float = Field(description="Unix time, seconds")
     started_at: float | None = None
     finished_at: float | None = None
+    progress: JobProgress | None = Field(None, description="pages answered so far (failed pages count too); null "
+                                         "until the job has opened its file")
     error: ErrorBody | None = Field(None, description="why the job failed (status=failed)")
