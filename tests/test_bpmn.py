@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from app.pipeline.bpmn import ExpectedRow, expected_rows
+import pytest
+
+from app.errors import InvalidImageError
+from app.pipeline.bpmn import ExpectedRow, expected_rows, parse_bpmn
 
 NS = 'xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"'
 
@@ -69,6 +72,7 @@ def test_pools_nested_lanes_and_default_namespace():
     assert expected_rows(NESTED_AND_POOLS) == [
         ExpectedRow("Apply for loan", "Customer"),  # no lanes: the pool is the role
         ExpectedRow("Sign contract", "Customer"),  # a sub-process counts by its name
+        ExpectedRow("inner step", "Customer"),  # and its tasks follow it (no diagram says it is collapsed)
         ExpectedRow("Score risk", "Risk"),  # the innermost lane wins
         ExpectedRow("Book loan", "Back office"),  # an unnamed lane falls back to its parent
     ]
@@ -80,3 +84,73 @@ def test_tasks_without_flows_keep_document_order(tmp_path):
     path = tmp_path / "x.bpmn"
     path.write_text(source)
     assert expected_rows(path) == [ExpectedRow("First", "Pool"), ExpectedRow("Second", "Pool")]
+
+
+DI = 'xmlns:di="http://www.omg.org/spec/BPMN/20100524/DI"'
+SUBPROCESSES_AND_CALLS = f"""<?xml version="1.0" encoding="ISO-8859-1"?>
+<semantic:definitions xmlns:semantic="http://www.omg.org/spec/BPMN/20100524/MODEL" {DI} id="d">
+  <semantic:collaboration id="c">
+    <semantic:participant id="pp" name="Caf\xe9" processRef="main"/></semantic:collaboration>
+  <semantic:process id="main">
+    <semantic:laneSet><semantic:lane id="l1" name="Front"><semantic:flowNodeRef>open</semantic:flowNodeRef>
+      <semantic:flowNodeRef>cook</semantic:flowNodeRef></semantic:lane>
+      <semantic:lane id="l2" name="Back"><semantic:flowNodeRef>stock</semantic:flowNodeRef>
+      <semantic:flowNodeRef>audit</semantic:flowNodeRef><semantic:flowNodeRef>late</semantic:flowNodeRef>
+      <semantic:flowNodeRef>pay</semantic:flowNodeRef></semantic:lane></semantic:laneSet>
+    <semantic:startEvent id="s"/>
+    <semantic:task id="open" name="Open  shop "/>
+    <semantic:subProcess id="cook" name="Cook">
+      <semantic:startEvent id="cs"/><semantic:task id="chop" name="Chop"/><semantic:task id="fry" name="Fry"/>
+      <semantic:sequenceFlow id="c1" sourceRef="cs" targetRef="chop"/>
+      <semantic:sequenceFlow id="c2" sourceRef="chop" targetRef="fry"/>
+    </semantic:subProcess>
+    <semantic:boundaryEvent id="timer" attachedToRef="cook"/>
+    <semantic:task id="late" name="Apologise"/>
+    <semantic:subProcess id="stock" name="Restock">
+      <semantic:task id="hidden" name="Count shelves"/></semantic:subProcess>
+    <semantic:callActivity id="audit" name="Audit" calledElement="audit_process"/>
+    <semantic:callActivity id="pay" name="Pay taxes" calledElement="tax_process"/>
+    <semantic:sequenceFlow id="f1" sourceRef="s" targetRef="open"/>
+    <semantic:sequenceFlow id="f2" sourceRef="open" targetRef="cook"/>
+    <semantic:sequenceFlow id="f3" sourceRef="cook" targetRef="stock"/>
+    <semantic:sequenceFlow id="f4" sourceRef="timer" targetRef="late"/>
+    <semantic:sequenceFlow id="f5" sourceRef="stock" targetRef="audit"/>
+    <semantic:sequenceFlow id="f6" sourceRef="audit" targetRef="pay"/>
+  </semantic:process>
+  <semantic:process id="audit_process"><semantic:task id="a1" name="Check books"/>
+    <semantic:callActivity id="again" name="Audit again" calledElement="audit_process"/></semantic:process>
+  <semantic:process id="tax_process"><semantic:task id="t1" name="File return"/></semantic:process>
+  <di:BPMNDiagram><di:BPMNPlane>
+    <di:BPMNShape bpmnElement="cook" isExpanded="true"/>
+    <di:BPMNShape bpmnElement="stock" isExpanded="false"/>
+    <di:BPMNShape bpmnElement="audit" isExpanded="true"/>
+    <di:BPMNShape bpmnElement="again" isExpanded="true"/>
+    <di:BPMNShape bpmnElement="pay" isExpanded="false"/>
+  </di:BPMNPlane></di:BPMNDiagram>
+  <di:BPMNDiagram><di:BPMNPlane><di:BPMNShape bpmnElement="stock" isExpanded="true"/></di:BPMNPlane></di:BPMNDiagram>
+</semantic:definitions>""".encode("latin-1")
+
+
+def test_what_the_diagram_shows_inside_sub_processes_and_call_activities():
+    assert expected_rows(SUBPROCESSES_AND_CALLS) == [
+        ExpectedRow("Open shop", "Front"),
+        ExpectedRow("Cook", "Front"),
+        ExpectedRow("Chop", "Front"),  # inside an expanded sub-process: its lane, its own flow order
+        ExpectedRow("Fry", "Front"),
+        ExpectedRow("Restock", "Back"),  # drawn collapsed in the main diagram: its inside is not shown
+        ExpectedRow("Audit", "Back"),
+        ExpectedRow("Check books", "Back"),  # the called process, drawn expanded
+        ExpectedRow("Audit again", "Back"),  # calls its own process: not expanded a second time
+        ExpectedRow("Apologise", "Back"),  # reached through the boundary event of "Cook", as far as "Audit"
+        ExpectedRow("Pay taxes", "Back"),  # collapsed call: "File return" is not on the diagram
+    ]  # and neither called process is listed as a pool of its own
+
+
+def test_a_file_that_multiplies_into_too_many_tasks_is_refused():
+    calls = "".join(f'<callActivity id="c{i}" name="c" calledElement="p{{next}}"/>' for i in range(10))
+    shapes = "".join(f'<di:BPMNShape bpmnElement="c{i}" isExpanded="true"/>' for i in range(10))
+    processes = "".join(f'<process id="p{level}">{calls.format(next=level + 1)}</process>' for level in range(6))
+    source = (f'<definitions xmlns="http://www.omg.org/spec/BPMN/20100524/MODEL" {DI}>{processes}'
+              f'<di:BPMNDiagram><di:BPMNPlane>{shapes}</di:BPMNPlane></di:BPMNDiagram></definitions>').encode()
+    with pytest.raises(InvalidImageError, match="more than 10000 tasks"):
+        parse_bpmn(source)
