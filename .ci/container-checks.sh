@@ -140,6 +140,12 @@ assert "description" in body and not missing, missing
 assert body["metadata"]["adapter"] == "/app/models/weights", body["metadata"]["adapter"]
 print("container /infer: 200,", body["metadata"]["completion_tokens"], "tokens on", body["metadata"]["device"])
 PY
+# SVG labels need fonts, which the slim base lacks: the image must ship them, or SVG text is refused (415).
+printf '%s' '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="200"><text x="20" y="100">Принять</text></svg>' \
+  >"$ART/ci-diagram.svg"
+curl -fsS -F "file=@$ART/ci-diagram.svg" "http://127.0.0.1:$PORT/infer" >"$ART/container-infer-svg.json"
+"$VENV/bin/python" -c 'import json,sys; m=json.load(open(sys.argv[1]))["metadata"]; assert m["source_format"] == "SVG", m; print("container /infer: an SVG with text, 200")' \
+  "$ART/container-infer-svg.json"
 service_uid() {  # the uid of the container's service process, as the host sees it
   docker top "$1" -eo pid,uid,args | awk '/python3 -m app/ {print $2; exit}'
 }
