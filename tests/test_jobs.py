@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import threading
 import time
 
 import httpx
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.http.app import create_app
 from app.service.inference import InferenceService
-from app.service.job_store import JobStore
+from app.service.job_store import JobStore, StoreFullError
 from app.settings import Settings
 
 from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status
@@ -199,3 +200,27 @@ def test_a_database_from_before_progress_opens_with_its_jobs(tmp_path):
         assert (store.get("abc").pages_done, store.get("abc").pages_total) == (1, 2)
     finally:
         store.close()
+
+
+def test_max_jobs_holds_across_replicas_submitting_at_once(tmp_path):
+    stores = [JobStore(tmp_path / "shared.sqlite3") for _ in range(2)]  # two replicas, one database file
+    accepted, refused = [], []
+
+    def submit_many(store: JobStore) -> None:
+        for _ in range(10):
+            try:
+                accepted.append(store.add({}, b"x", max_unfinished=5))
+            except StoreFullError as full:
+                refused.append(full.unfinished)
+
+    threads = [threading.Thread(target=submit_many, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(accepted) == 5 and len(refused) == 15 and set(refused) == {5}
+        assert stores[0].counts()["queued"] == 5
+    finally:
+        for store in stores:
+            store.close()

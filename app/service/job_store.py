@@ -38,6 +38,12 @@ ADDED_COLUMNS = {"pages_done": "INTEGER", "pages_total": "INTEGER"}
 UNFINISHED = ("queued", "running")
 
 
+class StoreFullError(Exception):
+    def __init__(self, unfinished: int):
+        super().__init__(f"{unfinished} jobs queued or running")
+        self.unfinished = unfinished
+
+
 @dataclass(frozen=True)
 class Job:
     id: str
@@ -68,10 +74,21 @@ class JobStore:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def add(self, params: dict[str, Any], data: bytes) -> str:
+    def add(self, params: dict[str, Any], data: bytes, max_unfinished: int) -> str:
+        """The new job's id. Raises StoreFullError when ``max_unfinished`` jobs are already queued or running:
+        counted and inserted in one transaction, so replicas sharing the store cannot overshoot it together."""
         job_id = secrets.token_urlsafe(18)  # unguessable: the id is the only key to a job's result
-        self._query("INSERT INTO jobs (id, status, params, file, created_at) VALUES (?, 'queued', ?, ?, ?)",
-                    job_id, json.dumps(params), data, time.time())
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                unfinished = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')"
+                                              ).fetchone()[0]
+                if unfinished >= max_unfinished:
+                    raise StoreFullError(unfinished)
+                self._db.execute("INSERT INTO jobs (id, status, params, file, created_at) "
+                                 "VALUES (?, 'queued', ?, ?, ?)", (job_id, json.dumps(params), data, time.time()))
+            finally:
+                self._db.execute("COMMIT")
         return job_id
 
     def get(self, job_id: str) -> Job | None:

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 from app.errors import NotReadyError, OverloadedError, ServiceError
 from app.metrics import Metrics
 from app.request_context import request_id_var
-from app.service.job_store import UNFINISHED, Job, JobStore
+from app.service.job_store import UNFINISHED, Job, JobStore, StoreFullError
 from app.service.runner import ModelState, Runner, Ticket
 from app.service.schemas import InferResponse
 
@@ -51,12 +51,11 @@ class JobQueue:
 
     # --- the routes ---------------------------------------------------------------------------------
     async def submit(self, params: dict[str, Any], data: bytes) -> str:
-        counts = await asyncio.to_thread(self.store.counts)
-        unfinished = sum(counts[status] for status in UNFINISHED)
-        if unfinished >= self.max_jobs:
-            raise OverloadedError(f"{unfinished} jobs queued or running (MAX_JOBS={self.max_jobs}); retry later",
-                                  headers={"Retry-After": "30"})
-        job_id = await asyncio.to_thread(self.store.add, params, data)
+        try:
+            job_id = await asyncio.to_thread(self.store.add, params, data, self.max_jobs)
+        except StoreFullError as full:
+            raise OverloadedError(f"{full.unfinished} jobs queued or running (MAX_JOBS={self.max_jobs}); retry "
+                                  "later", headers={"Retry-After": "30"}) from None
         await self._refresh()
         self._wake.set()
         return job_id
