@@ -86,8 +86,8 @@ query() { curl -fsS --get "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urle
 value() { "$VENV/bin/python" -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "none")'; }
 up=none; total=none
 for _ in $(seq 1 60); do
-  up=$(query 'up{job="vlm-inference"}' 2>/dev/null | value || echo none)
-  total=$(query 'sum(vlm_requests_total{job="vlm-inference",endpoint="/infer"})' 2>/dev/null | value || echo none)
+  up=$(query 'up{job="vlm-inference"}' 2>/dev/null | value 2>/dev/null || echo none)
+  total=$(query 'sum(vlm_requests_total{job="vlm-inference",endpoint="/infer"})' 2>/dev/null | value 2>/dev/null || echo none)
   if [ "$up" = "1" ] && [ "$total" != "none" ] && [ "${total%%.*}" -gt 0 ]; then break; fi
   sleep 1
 done
