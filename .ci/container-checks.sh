@@ -146,6 +146,13 @@ printf '%s' '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="200"><t
 curl -fsS -F "file=@$ART/ci-diagram.svg" "http://127.0.0.1:$PORT/infer" >"$ART/container-infer-svg.json"
 "$VENV/bin/python" -c 'import json,sys; m=json.load(open(sys.argv[1]))["metadata"]; assert m["source_format"] == "SVG", m; print("container /infer: an SVG with text, 200")' \
   "$ART/container-infer-svg.json"
+docker exec --user 1000 vlm-ci python3 -c '
+from app.pipeline import svg
+text = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"200\" height=\"60\"><text x=\"5\" y=\"40\" font-size=\"30\">Принять</text></svg>"
+image = svg.rasterise(svg.parse_svg(text.encode(), 10**6), (200, 60)).convert("L")
+dark = sum(1 for value in image.tobytes() if value < 100)
+assert dark > 100, f"the SVG text drew {dark} dark pixels: resvg found no font"
+print(f"container: resvg draws SVG text with the image fonts ({dark} dark pixels)")'
 service_uid() {  # the uid of the container's service process, as the host sees it
   docker top "$1" -eo pid,uid,args | awk '/python3 -m app/ {print $2; exit}'
 }
