@@ -78,3 +78,10 @@ def configure_logging(settings: Settings) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    # transformers and huggingface_hub (imported just above) attach their own stderr handlers at import: their
+    # records (the Hub client's retries, load warnings) would print as plain text, some twice. They go through
+    # ours instead.
+    for library in ("transformers", "huggingface_hub"):
+        logger = logging.getLogger(library)
+        logger.handlers[:] = []
+        logger.propagate = True

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.http.app import create_app
-from app.logs import JsonFormatter
+from app.logs import JsonFormatter, configure_logging
 from app.model.sequence import PreparedInputs
 from app.service.inference import InferenceService
 from app.settings import Settings
@@ -128,6 +128,25 @@ def test_json_formatter_writes_one_parseable_object():
     parsed = json.loads(line)
     assert parsed["request_id"] == "abc" and parsed["message"] == "POST /infer 200"
     assert parsed["image_size"] == [10, 20] and "\n" not in line
+
+
+def test_library_records_are_json_lines_printed_once(capfd):
+    """The Hub client's retries (and transformers' warnings) come through our handler, not their own."""
+    import huggingface_hub  # noqa: F401 - attaches its own stderr handler at import, as in the service
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(Settings(log_format="json"))
+        capfd.readouterr()
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        logging.getLogger("transformers.modeling_utils").warning("some weights were not used")
+        lines = capfd.readouterr().err.splitlines()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert [json.loads(line)["message"] for line in lines] == ["Retrying in 1s [Retry 1/5].",
+                                                                 "some weights were not used"]
 
 
 class ExplodingEngine(FakeEngine):
