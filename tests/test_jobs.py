@@ -198,6 +198,8 @@ def test_a_database_from_before_progress_opens_with_its_jobs(tmp_path):
         store.claim_next("here")
         store.progress("abc", 1, 2)
         assert (store.get("abc").pages_done, store.get("abc").pages_total) == (1, 2)
+        store.requeue("abc")  # cut off: it starts over, and says so
+        assert store.get("abc").status == "queued" and store.get("abc").pages_total is None
     finally:
         store.close()
 

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from PIL import Image
 
@@ -29,7 +29,7 @@ from app.pipeline.repetition import RepetitionGuard
 from app.pipeline.table import TableNotFoundError, parse_table, to_markdown
 from app.request_context import current_request_id
 from app.service.job_store import JobStore
-from app.service.jobs import JobQueue
+from app.service.jobs import JobQueue, Progress
 from app.service.multipage import join_pages
 from app.service.runner import ModelState, Runner, Ticket
 from app.service.schemas import (
@@ -45,9 +45,6 @@ from app.service.schemas import (
 from app.settings import Settings, removed_settings_in
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], Awaitable[None]]  # (pages done, pages in all): how a job reports how far it got
-
 
 async def _no_progress(done: int, total: int) -> None:
     pass

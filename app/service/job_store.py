@@ -36,6 +36,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 # Columns added after the first release: a database written by it gains them on open.
 ADDED_COLUMNS = {"pages_done": "INTEGER", "pages_total": "INTEGER"}
 UNFINISHED = ("queued", "running")
+# A job put back in the queue (its replica restarted or was full) starts over: no start time, no progress.
+_QUEUED_AGAIN = "status = 'queued', started_at = NULL, pages_done = NULL, pages_total = NULL"
 
 
 class StoreFullError(Exception):
@@ -108,8 +110,8 @@ class JobStore:
                 row = self._db.execute("SELECT id, params, file FROM jobs WHERE status = 'queued' "
                                        "ORDER BY created_at LIMIT 1").fetchone()
                 if row is not None:
-                    self._db.execute("UPDATE jobs SET status = 'running', started_at = ?, owner = ?, "
-                                     "pages_done = NULL, pages_total = NULL WHERE id = ?", (time.time(), owner, row[0]))
+                    self._db.execute("UPDATE jobs SET status = 'running', started_at = ?, owner = ? WHERE id = ?",
+                                     (time.time(), owner, row[0]))
             finally:
                 self._db.execute("COMMIT")
         return (row[0], json.loads(row[1]), row[2]) if row is not None else None
@@ -130,13 +132,13 @@ class JobStore:
                     done, total, job_id)
 
     def requeue(self, job_id: str) -> None:
-        self._query("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ? AND status = 'running'", job_id)
+        self._query(f"UPDATE jobs SET {_QUEUED_AGAIN} WHERE id = ? AND status = 'running'", job_id)
 
     def requeue_abandoned(self, owner: str, stale_after_s: float) -> int:
         """Running jobs whose replica restarted (this owner, at its start) or vanished (running for longer than
         any request may): they run again."""
         with self._lock:
-            return self._db.execute("UPDATE jobs SET status = 'queued', started_at = NULL, owner = NULL "
+            return self._db.execute(f"UPDATE jobs SET {_QUEUED_AGAIN}, owner = NULL "
                                     "WHERE status = 'running' AND (owner = ? OR started_at < ?)",
                                     (owner, time.time() - stale_after_s)).rowcount
 

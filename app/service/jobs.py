@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 TICK_S = 1.0  # how often the worker looks for work, cancellations and expired results
 
 
-Progress = Callable[[int, int], Awaitable[None]]
+Progress = Callable[[int, int], Awaitable[None]]  # (pages done, pages in all): how far a running job got
 Infer = Callable[[bytes, dict[str, Any], Ticket, Progress], Awaitable[InferResponse]]
 
 
