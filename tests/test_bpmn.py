@@ -154,3 +154,10 @@ def test_a_file_that_multiplies_into_too_many_tasks_is_refused():
               f'<di:BPMNDiagram><di:BPMNPlane>{shapes}</di:BPMNPlane></di:BPMNDiagram></definitions>').encode()
     with pytest.raises(InvalidImageError, match="more than 10000 tasks"):
         parse_bpmn(source)
+
+
+def test_processes_without_ids_are_each_read():
+    source = """<definitions xmlns="http://www.omg.org/spec/BPMN/20100524/MODEL">
+      <process name="Sales"><task name="Quote"/></process><process name="Billing"><task name="Invoice"/></process>
+    </definitions>"""
+    assert expected_rows(source) == [ExpectedRow("Quote", "Sales"), ExpectedRow("Invoice", "Billing")]

@@ -107,7 +107,8 @@ class _Document:
     def __init__(self, root: ElementTree.Element):
         self._rows_left = MAX_TASKS
         self._orders: dict[int, list[ElementTree.Element]] = {}  # a process called many times is ordered once
-        self.processes = {process.get("id"): process for process in root if _local(process.tag) == "process"}
+        self.processes = {process.get("id"): process for process in root
+                          if _local(process.tag) == "process" and process.get("id")}
         self.expanded: dict[str, bool] = {}
         for shape in root.iter():
             if _local(shape.tag) == "BPMNShape" and shape.get("isExpanded") is not None:
@@ -176,8 +177,8 @@ def expected_rows(source: str | bytes | Path) -> list[ExpectedRow]:
             pools.setdefault(participant.get("processRef"), _name(participant))
     called = {activity.get("calledElement") for activity in root.iter() if _local(activity.tag) == "callActivity"}
     shown = [document.processes[process_id] for process_id in pools if process_id in document.processes]
-    shown += [process for process_id, process in document.processes.items()
-              if process_id not in pools and process_id not in called]
+    shown += [process for process in root if _local(process.tag) == "process"
+              and process.get("id") not in pools and process.get("id") not in called]
     rows: list[ExpectedRow] = []
     for process in shown:
         pool = pools.get(process.get("id", ""), "") or _name(process)
