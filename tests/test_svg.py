@@ -206,3 +206,17 @@ def test_a_use_bomb_is_refused_not_drawn():
         for level in range(1, 7))
     with pytest.raises(InvalidImageError, match="nodes limit"):
         prepare_image(document(f'<defs>{defs}</defs><use href="#l6"/>'), GEOMETRY)
+
+
+def test_draw_io_labels_are_drawn_and_its_notice_is_not():
+    """draw.io: HTML labels with SVG text fallbacks, and a "Text is not SVG" notice a browser never shows."""
+    extensibility = 'requiredFeatures="http://www.w3.org/TR/SVG11/feature#Extensibility"'
+    exported = document(
+        f'<switch><foreignObject {extensibility} width="380" height="100"><div xmlns="http://www.w3.org/1999/xhtml">'
+        f'Принять заявку</div></foreignObject>{LABEL}</switch>'
+        f'<switch><g {extensibility}/><a xlink:href="https://www.drawio.com/doc/faq/svg-export-text-problems">'
+        '<text text-anchor="middle" font-size="20px" x="50%" y="100%">Text is not SVG - cannot display</text></a>'
+        '</switch>')
+    prepared = prepare_image(exported, GEOMETRY)
+    assert dark_pixels(prepared.image, (0.05, 0.3, 0.9, 0.6)) > 500  # the label, from its SVG fallback
+    assert dark_pixels(prepared.image, (0.0, 0.8, 1.0, 1.0)) == 0  # no notice along the bottom

@@ -122,6 +122,22 @@ def _drop_outside_references(root: ElementTree.Element, max_pixels: int) -> None
                                            "send a smaller export")
 
 
+def _skip_foreign_object_notices(root: ElementTree.Element) -> None:
+    """Exporters such as draw.io put each label in a ``<switch>``: HTML in a ``<foreignObject>``, then the same
+    text as SVG for renderers without HTML, which resvg draws. They also add a switch whose first choice is an
+    empty group marked as needing foreignObject support ("Extensibility") and whose fallback is a notice, "Text
+    is not SVG - cannot display". resvg supports no optional feature, so it would draw that notice into the
+    diagram; a browser draws the empty group. Letting such non-HTML choices pass does what the browser does,
+    while the HTML choices still fall back to their SVG text."""
+    for switch in root.iter():
+        if _local(switch.tag) != "switch":
+            continue
+        for choice in switch:
+            features = choice.get("requiredFeatures", "")
+            if _local(choice.tag) != "foreignObject" and features.strip().endswith("#Extensibility"):
+                del choice.attrib["requiredFeatures"]
+
+
 def parse_svg(data: bytes, max_pixels: int) -> SvgDocument:
     """Parse and clean an SVG upload. Raises InvalidImageError (400) for entities or broken XML."""
     if _DECLARATION.search(data):
@@ -134,6 +150,7 @@ def parse_svg(data: bytes, max_pixels: int) -> SvgDocument:
     if _local(root.tag) != "svg":
         raise InvalidImageError(f"the XML's root element is <{_local(root.tag)}>, not <svg>")
     _drop_outside_references(root, max_pixels)
+    _skip_foreign_object_notices(root)
     width, height = declared_size(root)
     has_text = any(_local(element.tag) in ("text", "tspan", "textPath") for element in root.iter())
     return SvgDocument(ElementTree.tostring(root, encoding="unicode"), width, height, has_text)
