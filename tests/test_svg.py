@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import shutil
 import struct
 import threading
 import zlib
@@ -180,11 +181,27 @@ def test_broken_files_and_pages_are_clear_errors():
         prepare_image(document(LABEL), GEOMETRY, page=2)
 
 
-def test_text_without_fonts_is_refused_not_drawn_blank(monkeypatch):
-    monkeypatch.setattr(svg, "fonts_installed", lambda: False)
+def test_text_without_fonts_is_refused_not_drawn_blank(monkeypatch, tmp_path):
+    monkeypatch.setattr(svg, "_font_dirs", lambda: [tmp_path / "no-fonts-here"])
     with pytest.raises(UnsupportedMediaError, match="no fonts"):
         prepare_image(document(LABEL), GEOMETRY)
     assert prepare_image(document('<rect width="10" height="10"/>'), GEOMETRY).source_format == "SVG"
+
+
+@pytest.mark.parametrize("family", ["", 'font-family="Arial"', 'font-family="Helvetica, sans-serif"',
+                                    'font-family="Times New Roman"', 'font-family="monospace"'])
+def test_text_is_drawn_with_the_one_font_a_slim_image_has(monkeypatch, tmp_path, family):
+    """The container has DejaVu only, while exports name Arial or Helvetica (and resvg defaults to Times New
+    Roman): with nothing but one font installed, every label is still drawn."""
+    real = [path for folder in svg._font_dirs() if folder.is_dir() for path in folder.rglob("DejaVuSans.ttf")]
+    if not real:
+        pytest.skip("DejaVuSans.ttf is not installed on this machine (fonts-dejavu-core)")
+    (tmp_path / "fonts").mkdir()
+    shutil.copy(real[0], tmp_path / "fonts")
+    monkeypatch.setattr(svg, "_font_dirs", lambda: [tmp_path / "fonts"])
+    assert svg.installed_fonts().family == "DejaVu Sans"
+    label = f'<text x="20" y="110" font-size="40" {family}>Принять заявку</text>'
+    assert dark_pixels(prepare_image(document(label), GEOMETRY).image, (0.05, 0.3, 0.9, 0.6)) > 500
 
 
 def test_infer_answers_an_svg_like_a_png():

@@ -4,7 +4,8 @@ resvg has no network and no script engine, but it does read files named by ``hre
 ``/etc/…`` would be drawn into the diagram, or ``/dev/zero`` read forever). So the document is parsed first and
 every reference that is not inside the file is dropped; embedded pictures count against the same pixel limit as
 any upload. Text needs fonts: where none are installed a diagram's labels would silently vanish, so such a file
-is refused instead (the container image ships DejaVu).
+is refused instead (the container image ships DejaVu), and text naming a font that is not installed is drawn in
+one that is.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFont
 
 from app.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
 
@@ -157,34 +158,70 @@ def parse_svg(data: bytes, max_pixels: int) -> SvgDocument:
 
 
 def _font_dirs() -> list[Path]:
-    """Where resvg's font database looks on Linux (fontconfig's usual folders)."""
+    """Where fonts are installed on Linux (fontconfig's usual folders)."""
     home = Path.home()
     data_home = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
     return [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), home / ".fonts", data_home / "fonts"]
 
 
-@functools.cache
-def fonts_installed() -> bool:
-    for folder in _font_dirs():
+@dataclass(frozen=True)
+class InstalledFonts:
+    folders: tuple[str, ...]  # the font folders resvg is given, and the only ones it reads
+    family: str | None  # what text is drawn in when the font it names is missing; None: no fonts at all
+
+
+def _family(files: list[Path]) -> str | None:
+    """A regular sans-serif family among ``files`` if there is one (diagram labels), else any readable one."""
+    def rank(path: Path) -> tuple[bool, bool, str]:
+        name = path.name.lower()
+        return "sans" not in name or "mono" in name, any(s in name for s in ("bold", "oblique", "italic")), name
+
+    for path in sorted(files, key=rank):
         try:
-            if any(path.suffix.lower() in FONT_SUFFIXES for path in folder.rglob("*")):
-                return True
+            return ImageFont.truetype(str(path), 12).getname()[0]
         except OSError:
             continue
-    return False
+    return None
+
+
+@functools.cache
+def _fonts_in(folders: tuple[Path, ...]) -> InstalledFonts:
+    found: list[str] = []
+    files: list[Path] = []
+    for folder in folders:
+        try:
+            fonts = [path for path in folder.rglob("*") if path.suffix.lower() in FONT_SUFFIXES]
+        except OSError:
+            continue
+        if fonts:
+            found.append(str(folder))
+            files += fonts
+    return InstalledFonts(tuple(found), _family(files))
+
+
+def installed_fonts() -> InstalledFonts:
+    return _fonts_in(tuple(_font_dirs()))
 
 
 def rasterise(document: SvgDocument, box: tuple[int, int]) -> Image.Image:
     """Draw ``document`` to fit ``box`` (width, height) px, aspect kept, on white."""
     import resvg_py
 
-    if document.has_text and not fonts_installed():
+    fonts = installed_fonts()
+    if document.has_text and fonts.family is None:
         raise UnsupportedMediaError("this server has no fonts installed, so the SVG's text cannot be drawn; send "
                                     "the diagram as PNG or PDF (operators: install a font package such as "
                                     "fonts-dejavu-core)")
+    # resvg draws nothing for text whose family it lacks: exports name Arial or Helvetica, and resvg's own
+    # defaults are Times New Roman and Arial, none of which a slim image has. Every generic family, and the
+    # fallback for missing ones, is therefore a family that is installed.
+    family = fonts.family or "sans-serif"
+    generic = {name: family for name in ("font_family", "serif_family", "sans_serif_family", "cursive_family",
+                                         "fantasy_family", "monospace_family")}
     try:
-        png = resvg_py.svg_to_bytes(svg_string=document.text, width=box[0], height=box[1],
-                                    dpi=96.0, background="white")  # dpi: resvg-py's default 0 makes mm and pt 0 px
+        png = resvg_py.svg_to_bytes(svg_string=document.text, width=box[0], height=box[1], background="white",
+                                    dpi=96.0,  # resvg-py's default 0 makes mm and pt lengths 0 px
+                                    skip_system_fonts=True, font_dirs=list(fonts.folders), **generic)
     except Exception as error:  # noqa: BLE001 - resvg reports every malformed document as a plain exception
         raise InvalidImageError(f"cannot render the SVG: {str(error)[:200]}") from None
     except BaseException as error:  # a Rust panic arrives as pyo3's PanicException, a BaseException
