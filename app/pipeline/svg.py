@@ -17,6 +17,7 @@ import io
 import math
 import os
 import re
+import sys
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ _UNITS_PX = {"": 1.0, "px": 1.0, "pt": 96 / 72, "pc": 16.0, "mm": 96 / 25.4, "cm
              "em": 16.0, "ex": 8.0}
 _LENGTH = re.compile(r"^\s*([+]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-z]*)\s*$")
 FONT_SUFFIXES = (".ttf", ".otf", ".ttc", ".otc")
+# Linux packages (fonts-dejavu-core, fonts-liberation, fonts-noto-core), then macOS's and Windows' own.
+PREFERRED_FONT_FILES = ("dejavusans.ttf", "liberationsans-regular.ttf", "notosans-regular.ttf", "helvetica.ttc",
+                        "arial.ttf", "segoeui.ttf")
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,13 @@ def parse_svg(data: bytes, max_pixels: int) -> SvgDocument:
 
 
 def _font_dirs() -> list[Path]:
-    """Where fonts are installed on Linux (fontconfig's usual folders)."""
+    """Where fonts are installed: fontconfig's usual folders on Linux, the system's on macOS (a native run for
+    MPS) and Windows."""
     home = Path.home()
+    if sys.platform == "darwin":
+        return [Path("/System/Library/Fonts"), Path("/Library/Fonts"), home / "Library" / "Fonts"]
+    if sys.platform == "win32":
+        return [Path(os.environ.get("WINDIR", r"C:\Windows")) / "Fonts"]
     data_home = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
     return [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), home / ".fonts", data_home / "fonts"]
 
@@ -171,10 +180,13 @@ class InstalledFonts:
 
 
 def _family(files: list[Path]) -> str | None:
-    """A regular sans-serif family among ``files`` if there is one (diagram labels), else any readable one."""
-    def rank(path: Path) -> tuple[bool, bool, str]:
+    """A common sans-serif family with Latin and Cyrillic among ``files`` if there is one (diagram labels), else
+    a regular sans-serif one, else any readable one."""
+    def rank(path: Path) -> tuple[int, bool, bool, str]:
         name = path.name.lower()
-        return "sans" not in name or "mono" in name, any(s in name for s in ("bold", "oblique", "italic")), name
+        known = PREFERRED_FONT_FILES.index(name) if name in PREFERRED_FONT_FILES else len(PREFERRED_FONT_FILES)
+        return (known, "sans" not in name or "mono" in name, any(s in name for s in ("bold", "oblique", "italic")),
+                name)
 
     for path in sorted(files, key=rank):
         try:
