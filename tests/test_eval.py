@@ -88,12 +88,15 @@ def test_evaluate_a_folder_against_the_service(client, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps([{"action": "Принять заявку", "role": "Менеджер"}]))
     (tmp_path / "c.jpg").write_bytes(diagram_png(fmt="JPEG"))
     (tmp_path / "c.csv").write_text("Наименование действия,Роль\nВыставить счет,Бухгалтер\n")
+    (tmp_path / "d.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="300" height="100">'
+                                    '<text x="10" y="50">Принять заявку</text></svg>')
+    (tmp_path / "d.json").write_text(json.dumps([{"action": "Принять заявку", "role": "Менеджер"}]))
     (tmp_path / "no-truth.png").write_bytes(diagram_png())  # skipped: nothing to compare with
     report = evaluate("http://testserver", tmp_path, client=client, progress=False)
-    assert [f["file"] for f in report["files"]] == ["a.png", "b.png", "c.jpg"]
+    assert [f["file"] for f in report["files"]] == ["a.png", "b.png", "c.jpg", "d.svg"]
     actions = report["overall"]["actions"]
-    # a: 2 of 3 expected found (3 predicted); b: 1 of 1 (3 predicted); c: 1 of 1 (ё = е; 3 predicted)
-    assert (actions["matched"], actions["predicted"], actions["expected"]) == (4, 9, 5)
+    # a: 2 of 3 expected found (3 predicted); b, d: 1 of 1 (3 predicted); c: 1 of 1 (ё = е; 3 predicted)
+    assert (actions["matched"], actions["predicted"], actions["expected"]) == (5, 12, 6)
     assert report["failed_requests"] == 0
     text = format_report(report)
     assert "overall" in text and "a.png" in text

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from app.pipeline.bpmn import ExpectedRow, expected_rows
 from app.pipeline.table import column_roles
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".pdf"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".pdf", ".svg"}
 
 
 def normalize(text: str) -> str:
