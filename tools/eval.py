@@ -3,7 +3,7 @@ roles and (action, role) pairs.
 
     python -m tools.eval --url http://localhost:8002 DATA_DIR [--json] [--threshold 0.8]
 
-DATA_DIR holds images (PNG, JPEG, WebP, GIF, BMP, TIFF, PDF), each with its expected rows beside it
+DATA_DIR holds images (PNG, JPEG, WebP, GIF, BMP, TIFF, PDF, SVG), each with its expected rows beside it
 under the same stem: ``name.bpmn`` (BPMN 2.0 XML), ``name.json`` (a list of {"action", "role"} objects,
 or {"rows": [...]}) or ``name.csv`` (a header with action and role columns, Russian or English).
 """
