@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import InvalidImageError
+from app.pipeline.xml_upload import local_name, parse_upload
 
 BPMN_NAMESPACE = b"http://www.omg.org/spec/BPMN/20100524/MODEL"
 # A BPMN document needs no DTD: one is refused before parsing, so neither entity expansion (the "billion
@@ -46,12 +47,8 @@ class ExpectedRow:
     role: str
 
 
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
 def _children(element: ElementTree.Element, name: str) -> list[ElementTree.Element]:
-    return [child for child in element if _local(child.tag) == name]
+    return [child for child in element if local_name(child.tag) == name]
 
 
 def _name(element: ElementTree.Element) -> str:
@@ -78,19 +75,19 @@ def _lane_roles(process: ElementTree.Element, fallback: str) -> dict[str, str]:
 def _flow_order(container: ElementTree.Element) -> list[ElementTree.Element]:
     """The tasks directly inside a process or sub-process, in flow order."""
     nodes = {node.get("id"): node for node in container if node.get("id")}
-    tasks = [node for node in container if _local(node.tag) in TASK_TYPES]
+    tasks = [node for node in container if local_name(node.tag) in TASK_TYPES]
     successors: dict[str, list[str]] = {}
     for flow in _children(container, "sequenceFlow"):
         successors.setdefault(flow.get("sourceRef", ""), []).append(flow.get("targetRef", ""))
     for boundary in _children(container, "boundaryEvent"):  # no incoming flow: it leaves from its activity
         successors.setdefault(boundary.get("attachedToRef", ""), []).append(boundary.get("id", ""))
-    queue = deque(node.get("id") for node in container if _local(node.tag) == "startEvent")
+    queue = deque(node.get("id") for node in container if local_name(node.tag) == "startEvent")
     seen: set[str] = set(queue)
     order: list[ElementTree.Element] = []
     while queue:
         node_id = queue.popleft()
         node = nodes.get(node_id)
-        if node is not None and _local(node.tag) in TASK_TYPES:
+        if node is not None and local_name(node.tag) in TASK_TYPES:
             order.append(node)
         for target in successors.get(node_id, []):
             if target not in seen:
@@ -108,19 +105,19 @@ class _Document:
         self._rows_left = MAX_TASKS
         self._orders: dict[int, list[ElementTree.Element]] = {}  # a process called many times is ordered once
         self.processes = {process.get("id"): process for process in root
-                          if _local(process.tag) == "process" and process.get("id")}
+                          if local_name(process.tag) == "process" and process.get("id")}
         self.expanded: dict[str, bool] = {}
         for shape in root.iter():
-            if _local(shape.tag) == "BPMNShape" and shape.get("isExpanded") is not None:
+            if local_name(shape.tag) == "BPMNShape" and shape.get("isExpanded") is not None:
                 # The first diagram is the main one; later planes draw a collapsed sub-process's inside.
                 self.expanded.setdefault(shape.get("bpmnElement", ""), shape.get("isExpanded") == "true")
 
     def inside(self, activity: ElementTree.Element) -> ElementTree.Element | None:
         """The container whose tasks the diagram shows inside ``activity``, if it shows any."""
         activity_id = activity.get("id", "")
-        if _local(activity.tag) in SUB_PROCESS_TYPES:
+        if local_name(activity.tag) in SUB_PROCESS_TYPES:
             return activity if self.expanded.get(activity_id, True) else None
-        called = self.processes.get(activity.get("calledElement", "")) if _local(activity.tag) == "callActivity" \
+        called = self.processes.get(activity.get("calledElement", "")) if local_name(activity.tag) == "callActivity" \
             else None
         return called if called is not None and self.expanded.get(activity_id, False) else None
 
@@ -151,14 +148,11 @@ def looks_like_bpmn(data: bytes) -> bool:
 
 
 def parse_bpmn(data: bytes) -> list[ExpectedRow]:
-    """The rows of an uploaded BPMN file. Raises InvalidImageError (400) for a DTD or broken XML."""
-    if _DECLARATION.search(data):
-        raise InvalidImageError("the BPMN file declares a DOCTYPE or entities, which are refused (entity expansion, "
-                                "external references); export it without them")
+    """The rows of an uploaded BPMN file. Raises InvalidImageError (400) for a DTD, broken XML or a file too
+    large to read."""
+    root = parse_upload(data, "BPMN", _DECLARATION, "a DOCTYPE or entities")
     try:
-        return expected_rows(data)
-    except ElementTree.ParseError as error:
-        raise InvalidImageError(f"cannot read the BPMN XML: {error}") from None
+        return _rows(root)
     except TooManyTasksError as error:
         raise InvalidImageError(str(error)) from None
     except RecursionError:
@@ -169,15 +163,18 @@ def expected_rows(source: str | bytes | Path) -> list[ExpectedRow]:
     """Rows of a BPMN file (path) or document (str/bytes). Unnamed tasks are skipped."""
     if isinstance(source, Path):
         source = source.read_bytes()
-    root = ElementTree.fromstring(source)
+    return _rows(ElementTree.fromstring(source))
+
+
+def _rows(root: ElementTree.Element) -> list[ExpectedRow]:
     document = _Document(root)
     pools: dict[str, str] = {}  # process id -> participant name, in the collaboration's order
     for participant in root.iter():
-        if _local(participant.tag) == "participant" and participant.get("processRef"):
+        if local_name(participant.tag) == "participant" and participant.get("processRef"):
             pools.setdefault(participant.get("processRef"), _name(participant))
-    called = {activity.get("calledElement") for activity in root.iter() if _local(activity.tag) == "callActivity"}
+    called = {activity.get("calledElement") for activity in root.iter() if local_name(activity.tag) == "callActivity"}
     shown = [document.processes[process_id] for process_id in pools if process_id in document.processes]
-    shown += [process for process in root if _local(process.tag) == "process"
+    shown += [process for process in root if local_name(process.tag) == "process"
               and process.get("id") not in pools and process.get("id") not in called]
     rows: list[ExpectedRow] = []
     for process in shown:

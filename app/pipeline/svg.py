@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image, ImageFont
 
 from app.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
+from app.pipeline.xml_upload import local_name, parse_upload
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 XLINK_NAMESPACE = "http://www.w3.org/1999/xlink"
@@ -61,10 +62,6 @@ class SvgDocument:
 def looks_like_svg(data: bytes) -> bool:
     """XML whose root element is ``svg``, judged from the start of the file."""
     return _ROOT.match(data[:4096].lstrip(b"\xef\xbb\xbf")) is not None
-
-
-def _local(name: str) -> str:
-    return name.rsplit("}", 1)[-1]
 
 
 def _length_px(value: str | None) -> float | None:
@@ -113,7 +110,7 @@ def _drop_outside_references(root: ElementTree.Element, max_pixels: int) -> None
     ``max_pixels`` in all (a small PNG can declare gigapixels)."""
     embedded_pixels = 0
     for element in root.iter():
-        for name in [name for name in element.attrib if _local(name) == "href"]:
+        for name in [name for name in element.attrib if local_name(name) == "href"]:
             href = element.attrib[name].strip()
             if href.startswith("#"):
                 continue  # a link inside the document: gradients, <use>, markers
@@ -135,29 +132,23 @@ def _skip_foreign_object_notices(root: ElementTree.Element) -> None:
     diagram; a browser draws the empty group. Letting such non-HTML choices pass does what the browser does,
     while the HTML choices still fall back to their SVG text."""
     for switch in root.iter():
-        if _local(switch.tag) != "switch":
+        if local_name(switch.tag) != "switch":
             continue
         for choice in switch:
             features = choice.get("requiredFeatures", "")
-            if _local(choice.tag) != "foreignObject" and features.strip().endswith("#Extensibility"):
+            if local_name(choice.tag) != "foreignObject" and features.strip().endswith("#Extensibility"):
                 del choice.attrib["requiredFeatures"]
 
 
 def parse_svg(data: bytes, max_pixels: int) -> SvgDocument:
     """Parse and clean an SVG upload. Raises InvalidImageError (400) for entities or broken XML."""
-    if _DECLARATION.search(data):
-        raise InvalidImageError("the SVG declares entities or a DTD subset, which are refused (entity expansion, "
-                                "external files); export it without them")
-    try:
-        root = ElementTree.fromstring(data)
-    except ElementTree.ParseError as error:
-        raise InvalidImageError(f"cannot read the SVG XML: {error}") from None
-    if _local(root.tag) != "svg":
-        raise InvalidImageError(f"the XML's root element is <{_local(root.tag)}>, not <svg>")
+    root = parse_upload(data, "SVG", _DECLARATION, "entities or a DTD subset")
+    if local_name(root.tag) != "svg":
+        raise InvalidImageError(f"the XML's root element is <{local_name(root.tag)}>, not <svg>")
     _drop_outside_references(root, max_pixels)
     _skip_foreign_object_notices(root)
     width, height = declared_size(root)
-    has_text = any(_local(element.tag) in ("text", "tspan", "textPath") for element in root.iter())
+    has_text = any(local_name(element.tag) in ("text", "tspan", "textPath") for element in root.iter())
     return SvgDocument(ElementTree.tostring(root, encoding="unicode"), width, height, has_text)
 
 
