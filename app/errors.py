@@ -93,6 +93,12 @@ class OverloadedError(ServiceError):
     status_code, error_type = 503, "overloaded"
 
 
+class JobStoreUnavailableError(ServiceError):
+    """The job store could not be reached or answered within JOB_STORE_TIMEOUT_S: only the job routes see it."""
+
+    status_code, error_type = 503, "job_store_unavailable"
+
+
 class DeadlineExceededError(ServiceError):
     status_code, error_type = 504, "timeout"
 

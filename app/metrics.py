@@ -75,10 +75,18 @@ class Metrics:
         self.failed = Counter("vlm_failed_requests", "Admitted inference requests that ended in an error instead of "
                               "an answer (bad input, deadline, shutdown, internal or device error)",
                               ["route", "reason"], registry=registry)
-        self.jobs = Gauge("vlm_jobs", "Jobs in the store, by status", ["status"], registry=registry)
-        self.job_duration = Histogram("vlm_job_duration_seconds", "Jobs from their start to their end, by how "
-                                      "they ended", ["status"], buckets=SECONDS_BUCKETS, registry=registry)
-        self.queue_depth = Gauge("vlm_queue_depth", "Admitted inference requests without a KV slot yet",
+        self.jobs = Gauge("vlm_jobs", "Jobs in the job store, by status: the store's own count, so every replica "
+                          "sharing the store exports the same number (read it with max by (store), never sum)",
+                          ["status", "store"], registry=registry)
+        self.job_store_up = Gauge("vlm_job_store_up", "1 while the job store answers this replica, else 0",
+                                  registry=registry)
+        self.job_results_discarded = Counter(
+            "vlm_job_results_discarded", "Job outcomes this replica computed but did not write, having lost the job "
+            "(cancelled, forgotten, or claimed again after its lease passed)", registry=registry)
+        self.job_duration = Histogram("vlm_job_duration_seconds", "Jobs this replica ran, from their start to "
+                                      "the end it wrote, by how they ended", ["status"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.queue_depth = Gauge("vlm_queue_depth", "Admitted inference requests, or pages of one (a job's "
+                                 "included), waiting for a KV slot on this replica",
                                  registry=registry)
         self.in_flight = Gauge("vlm_in_flight_requests", "Inference requests holding a KV slot", registry=registry)
         self.slots_in_use = Gauge("vlm_kv_slots_in_use", "KV-cache slots held by requests", registry=registry)

@@ -107,12 +107,28 @@ class Settings(BaseSettings):
                                      "/v1/chat/completions may fetch ('*.example.com' for subdomains); empty: "
                                      "none, images come as data: URLs")
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="longest an allowed image URL may take to fetch")
-    jobs_db: Path = Field(Path.home() / ".cache" / "vlm-inference" / "jobs.sqlite3",
-                          description="the job store (SQLite); put it on a volume so jobs survive the container")
+    jobs_db: str = Field(str(Path.home() / ".cache" / "vlm-inference" / "jobs.sqlite3"),
+                         description="the job store: an SQLite file (one host; put it on a volume so jobs survive "
+                                     "the container), or postgresql://user:password@host:5432/db, shared by "
+                                     "replicas on many machines")
     job_ttl_s: float = Field(86_400.0, gt=0, description="how long a finished job's result is kept")
     job_timeout_s: float = Field(3600.0, gt=0, description="a job's deadline, from its start (REQUEST_TIMEOUT_S is "
                                                            "for synchronous requests)")
     max_jobs: int = Field(100, ge=1, le=100_000, description="jobs queued or running at once; more get 503")
+    job_lease_s: float = Field(60.0, ge=2, le=3600, description="a running job's lease, renewed every second while "
+                               "its replica lives: a replica that dies gives its jobs up within about this")
+    max_job_attempts: int = Field(3, ge=1, le=100, description="times a job may lose its replica (killed, lease "
+                                  "lost) before it ends failed instead of running again")
+    job_concurrency: int | None = Field(None, ge=0, le=256, description="jobs one replica runs at once; unset: its "
+                                        "KV slots; 0: this replica answers the job routes but runs no job")
+    job_store_timeout_s: float = Field(5.0, gt=0, le=120, description="longest a job route waits on the store "
+                                       "(locked, slow, unreachable) before answering 503")
+    max_result_mb: float = Field(16.0, gt=0, le=1024, description="largest answer a job may store; a larger one "
+                                 "fails the job with 413")
+    job_callback_hosts: str = Field("", description="comma-separated hosts a job's callback_url may name "
+                                    "('host', 'host:port', '*.example.com'); empty: callbacks are refused")
+    job_callback_secret: str | None = Field(None, description="signs each callback: X-VLM-Signature = "
+                                            "sha256=HMAC-SHA256(secret, '<X-VLM-Timestamp>.' + body)")
     cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
                                               "page ('*' for any); empty: none")
     force_max_new_tokens: bool = Field(False, description="benchmarks only: never stop before max_new_tokens")
@@ -126,7 +142,12 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("api_key", "model_revision", mode="before")
+    @field_validator("jobs_db", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("api_key", "model_revision", "job_callback_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

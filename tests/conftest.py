@@ -54,3 +54,30 @@ def tiny_client(tiny_model_dir):
     with TestClient(create_app(settings)) as client:
         wait_for_status(client, "healthy")
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the test session. Without PostgreSQL installed the tests that need it
+    skip on a developer's machine, and fail in CI (CI=true), where .ci/run installs it: never skipped silently."""
+    from .postgres import PostgresServer, binaries
+
+    if binaries() is None:
+        message = "PostgreSQL is not installed (Debian: apt-get install postgresql); the job store tests need it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def jobs_db(request, tmp_path) -> str:
+    """A JOBS_DB of each kind, empty: an SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "jobs.sqlite3")
+    return request.getfixturevalue("postgres").create_database(f"jobs_{next(_databases)}")

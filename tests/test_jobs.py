@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sqlite3
-import threading
 import time
 
 import httpx
@@ -12,7 +10,6 @@ from fastapi.testclient import TestClient
 
 from app.http.app import create_app
 from app.service.inference import InferenceService
-from app.service.job_store import JobStore, StoreFullError
 from app.settings import Settings
 
 from .helpers import FakeEngine, diagram_png, fake_factory, wait_for_status
@@ -20,8 +17,8 @@ from .test_pages import document
 from .test_server import running_server
 
 
-def client_with(tmp_path, engine: FakeEngine | None = None, load_s: float = 0.0, **settings) -> TestClient:
-    settings = Settings(jobs_db=tmp_path / "jobs.sqlite3", **settings)
+def client_with(jobs_db: str, engine: FakeEngine | None = None, load_s: float = 0.0, **settings) -> TestClient:
+    settings = Settings(jobs_db=jobs_db, **settings)
     service = InferenceService(settings, engine_factory=fake_factory(engine or FakeEngine(), load_s=load_s))
     return TestClient(create_app(service=service), raise_server_exceptions=False)
 
@@ -44,9 +41,9 @@ def wait_until(client, job_id: str, statuses: set[str], timeout_s: float = 30, h
     raise AssertionError(f"job {job_id} never reached {statuses}: {status}")
 
 
-def test_a_job_answers_what_infer_answers(tmp_path):
+def test_a_job_answers_what_infer_answers(jobs_db):
     engine = FakeEngine(generate_s=0.5)
-    with client_with(tmp_path, engine) as client:
+    with client_with(jobs_db, engine) as client:
         wait_for_status(client, "healthy")
         job = submit(client)
         assert job["status"] in ("queued", "running") and len(job["id"]) >= 20
@@ -66,9 +63,9 @@ def test_a_job_answers_what_infer_answers(tmp_path):
         assert client.get(f"/jobs/{job['id']}").status_code == 404
 
 
-def test_a_job_reports_its_progress_page_by_page(tmp_path):
+def test_a_job_reports_its_progress_page_by_page(jobs_db):
     engine = FakeEngine(generate_s=0.4, max_rows=1)  # one page at a time: progress has steps to see
-    with client_with(tmp_path, engine, load_s=0.5) as client:
+    with client_with(jobs_db, engine, load_s=0.5) as client:
         job = submit(client, document(3), pages="all")
         assert job["progress"] is None  # queued: the file is not opened yet
         wait_for_status(client, "healthy")
@@ -86,8 +83,8 @@ def test_a_job_reports_its_progress_page_by_page(tmp_path):
         assert wait_until(client, single["id"], {"done"})["progress"] == {"pages_done": 1, "pages_total": 1}
 
 
-def test_a_bad_file_fails_its_job_with_the_error_infer_would_give(tmp_path):
-    with client_with(tmp_path) as client:
+def test_a_bad_file_fails_its_job_with_the_error_infer_would_give(jobs_db):
+    with client_with(jobs_db) as client:
         wait_for_status(client, "healthy")
         refused = client.post("/jobs", files={"file": ("x.bin", b"not a picture", "image/png")})
         assert refused.status_code == 415  # what needs no model is said at once, not by a failed job
@@ -100,9 +97,9 @@ def test_a_bad_file_fails_its_job_with_the_error_infer_would_give(tmp_path):
         assert result.status_code == 400 and result.json()["error"]["type"] == "invalid_image"
 
 
-def test_a_cancelled_job_never_reaches_the_model(tmp_path):
+def test_a_cancelled_job_never_reaches_the_model(jobs_db):
     engine = FakeEngine()
-    with client_with(tmp_path, engine, load_s=1.5) as client:  # jobs are accepted while the model loads
+    with client_with(jobs_db, engine, load_s=1.5) as client:  # jobs are accepted while the model loads
         job = submit(client)
         assert job["status"] == "queued"
         cancelled = client.delete(f"/jobs/{job['id']}")
@@ -113,9 +110,9 @@ def test_a_cancelled_job_never_reaches_the_model(tmp_path):
         assert client.get(job["result_url"]).status_code == 409
 
 
-def test_a_running_job_can_be_cancelled(tmp_path):
+def test_a_running_job_can_be_cancelled(jobs_db):
     engine = FakeEngine(generate_s=10.0)
-    with client_with(tmp_path, engine) as client:
+    with client_with(jobs_db, engine) as client:
         wait_for_status(client, "healthy")
         job = submit(client)
         wait_until(client, job["id"], {"running"})
@@ -127,9 +124,9 @@ def test_a_running_job_can_be_cancelled(tmp_path):
         assert client.get("/health").json()["in_flight"] == 0  # its generation stopped
 
 
-def test_results_expire_max_jobs_holds_and_the_key_is_needed(tmp_path):
+def test_results_expire_max_jobs_holds_and_the_key_is_needed(jobs_db):
     key = {"X-API-Key": "k"}
-    with client_with(tmp_path, FakeEngine(generate_s=1.0, max_rows=1), api_key="k", job_ttl_s=1.0,
+    with client_with(jobs_db, FakeEngine(generate_s=1.0, max_rows=1), api_key="k", job_ttl_s=1.0,
                      max_jobs=2) as client:
         wait_for_status(client, "healthy")
         assert client.post("/jobs", files={"file": ("d.png", diagram_png(), "image/png")}).status_code == 401
@@ -151,7 +148,7 @@ def test_results_expire_max_jobs_holds_and_the_key_is_needed(tmp_path):
 
 def test_a_job_survives_a_restart_of_the_service(tiny_model_dir, tmp_path):
     env = {"JOBS_DB": str(tmp_path / "jobs.sqlite3"), "MAX_NEW_TOKENS": "600", "FORCE_MAX_NEW_TOKENS": "true",
-           "MAX_BATCH_SIZE": "1"}
+           "MAX_BATCH_SIZE": "1", "JOB_LEASE_S": "3"}  # the killed process's lease passes 3 s after its death
     with running_server(tiny_model_dir, **env) as (base, process):
         response = httpx.post(f"{base}/jobs", files={"file": ("d.png", diagram_png(), "image/png")},
                               data={"max_new_tokens": "600"})
@@ -172,60 +169,16 @@ def test_a_job_survives_a_restart_of_the_service(tiny_model_dir, tmp_path):
         assert result["metadata"]["completion_tokens"] == 600
 
 
-def test_a_job_may_run_longer_than_a_synchronous_request(tmp_path):
-    with client_with(tmp_path, FakeEngine(generate_s=1.0), request_timeout_s=0.5, job_timeout_s=30) as client:
+def test_a_job_may_run_longer_than_a_synchronous_request(jobs_db):
+    with client_with(jobs_db, FakeEngine(generate_s=1.0), request_timeout_s=0.5, job_timeout_s=30) as client:
         wait_for_status(client, "healthy")
         assert client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")}).status_code == 504
         job = submit(client)
         assert wait_until(client, job["id"], {"done", "failed"})["status"] == "done"
 
 
-def test_a_wrong_method_names_every_method_of_the_path(tmp_path):
-    with client_with(tmp_path) as client:
+def test_a_wrong_method_names_every_method_of_the_path(jobs_db):
+    with client_with(jobs_db) as client:
         response = client.request("PUT", "/jobs/some-id")
         assert response.status_code == 405 and response.headers["Allow"] == "DELETE, GET"
         assert client.request("PUT", "/infer").headers["Allow"] == "POST"
-
-
-def test_a_database_from_before_progress_opens_with_its_jobs(tmp_path):
-    path = tmp_path / "old.sqlite3"
-    old = sqlite3.connect(path)
-    old.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, params TEXT NOT NULL, file BLOB, "
-                "result TEXT, error TEXT, owner TEXT, created_at REAL NOT NULL, started_at REAL, finished_at REAL)")
-    old.execute("INSERT INTO jobs (id, status, params, created_at) VALUES ('abc', 'queued', '{}', 1.0)")
-    old.commit()
-    old.close()
-    store = JobStore(path)
-    try:
-        assert store.get("abc").status == "queued" and store.get("abc").pages_total is None
-        store.claim_next("here")
-        store.progress("abc", 1, 2)
-        assert (store.get("abc").pages_done, store.get("abc").pages_total) == (1, 2)
-        store.requeue("abc")  # cut off: it starts over, and says so
-        assert store.get("abc").status == "queued" and store.get("abc").pages_total is None
-    finally:
-        store.close()
-
-
-def test_max_jobs_holds_across_replicas_submitting_at_once(tmp_path):
-    stores = [JobStore(tmp_path / "shared.sqlite3") for _ in range(2)]  # two replicas, one database file
-    accepted, refused = [], []
-
-    def submit_many(store: JobStore) -> None:
-        for _ in range(10):
-            try:
-                accepted.append(store.add({}, b"x", max_unfinished=5))
-            except StoreFullError as full:
-                refused.append(full.unfinished)
-
-    threads = [threading.Thread(target=submit_many, args=(store,)) for store in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    try:
-        assert len(accepted) == 5 and len(refused) == 15 and set(refused) == {5}
-        assert stores[0].counts()["queued"] == 5
-    finally:
-        for store in stores:
-            store.close()

@@ -19,6 +19,7 @@ from app.http.gate import InferGate
 from app.http.job_routes import router as jobs_router
 from app.http.request_id import RequestIdMiddleware
 from app.http.routes import router
+from app.jobs.runtime import JobSystem
 from app.request_context import install_log_record_factory
 from app.service.chat_schemas import ChatCompletionRequest
 from app.service.inference import InferenceService
@@ -34,9 +35,11 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     install_log_record_factory()
     service = service or InferenceService(settings)
 
+    jobs = JobSystem(settings, service.runner, service.run_job, service.prometheus)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.open_jobs()  # jobs are accepted from the first request, while the model loads
+        await jobs.start()  # jobs are accepted from the first request, while the model loads
         # Load in the background: the port answers /health (503 loading) while weights load.
         loading = asyncio.create_task(service.start(), name="model-load")
         try:
@@ -51,7 +54,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
-            await service.stop_jobs()
+            await jobs.stop()  # jobs still running here go back to the queue, for any replica
             service.close()
 
     app = FastAPI(
@@ -64,6 +67,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
         redoc_url=None,  # ReDoc would load from a CDN too
     )
     app.state.service = service
+    app.state.jobs = jobs
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
@@ -83,7 +87,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     if settings.cors_origins.strip():
         # Outermost, so preflights and refusals (401, 503) carry the CORS headers a browser needs to read them.
         origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "HEAD"],
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "HEAD", "DELETE"],
                            allow_headers=["*"],
                            expose_headers=["X-Request-ID", "Retry-After"])
     return app

@@ -1,4 +1,5 @@
-"""What route handlers receive besides the request: the service, from the app's state (never a module global)."""
+"""What route handlers receive besides the request: the model service and the job system, from the app's state
+(never module globals)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.jobs.runtime import JobSystem
 from app.service.inference import InferenceService
 
 
@@ -14,3 +16,10 @@ def get_service(request: Request) -> InferenceService:
 
 
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
+
+
+def get_jobs(request: Request) -> JobSystem:
+    return request.app.state.jobs
+
+
+JobsDep = Annotated[JobSystem, Depends(get_jobs)]

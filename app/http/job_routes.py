@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.errors import (
@@ -15,15 +15,17 @@ from app.errors import (
     UnsupportedMediaError,
     recorded_error,
 )
-from app.http.dependencies import ServiceDep
+from app.http.dependencies import JobsDep
 from app.http.envelope import EnvelopedRoute, error_responses
 from app.http.routes import TABLE_FORMATS, check_form_parts, pages_asked
 from app.pipeline.bpmn import looks_like_bpmn
 from app.pipeline.imaging import ACCEPTED_TEXT, sniff_format
 from app.pipeline.pages import first_page
 from app.service.chat_schemas import PROMPT_MAX_CHARS
-from app.service.job_store import Job
-from app.service.schemas import ErrorBody, InferResponse, JobProgress, JobStatus
+from app.jobs.records import Job
+from app.jobs.runtime import JobSystem
+from app.jobs.status import job_status
+from app.service.schemas import InferResponse, JobStatus
 
 router = APIRouter(prefix="/jobs", route_class=EnvelopedRoute, tags=["jobs"])
 _DESCRIPTIONS = {
@@ -37,19 +39,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _status(request: Request, job: Job) -> JobStatus:
-    error = job.error
-    return JobStatus(
-        id=job.id, status=job.status, status_url=str(request.url_for("read_job", job_id=job.id).path),
-        result_url=str(request.url_for("read_job_result", job_id=job.id).path), created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at,
-        progress=JobProgress(pages_done=job.pages_done or 0, pages_total=job.pages_total)
-        if job.pages_total is not None else None,
-        error=ErrorBody(type=error["type"], message=error["message"], request_id=f"job-{job.id[:12]}")
-        if error else None)
+    return job_status(job, prefix=request.scope.get("root_path", ""))
 
 
-async def _job(service: Any, job_id: str) -> Job:
-    job = await service.jobs.get(job_id) if service.jobs is not None else None
+async def _job(jobs: JobSystem, job_id: str, wait_s: float = 0.0) -> Job:
+    job = await jobs.service.get(job_id, wait_s)
     if job is None:
         raise JobNotFoundError()
     return job
@@ -58,13 +52,14 @@ async def _job(service: Any, job_id: str) -> Job:
 @router.post("", status_code=202, response_model=JobStatus, operation_id="create_job",
              summary="Submit a diagram as a job: 202 at once, the result later",
              description=f"The same form as POST /infer ({ACCEPTED_TEXT}, BPMN, pages). The job runs when the model "
-             "has room, through the same admission as /infer, within JOB_TIMEOUT_S from its start, and survives "
-             "a restart of the service. Poll `status_url`, then fetch `result_url`.",
+             "has room, on whichever replica sharing the job store claims it first, within JOB_TIMEOUT_S from its "
+             "start; it survives a restart or the loss of its replica. Poll `status_url` (or wait on it with "
+             "`?wait=N`), or give a `callback_url`; then fetch `result_url`.",
              responses=_errors(400, 401, 408, 413, 415, 422, 500, 503))
 async def create_job(
     request: Request,
     response: Response,
-    service: ServiceDep,
+    jobs: JobsDep,
     file: Annotated[UploadFile, File(description=f"the diagram ({ACCEPTED_TEXT}, or BPMN XML)")],
     prompt: Annotated[str, Form(max_length=PROMPT_MAX_CHARS, description="as in POST /infer")] = "",
     max_new_tokens: Annotated[int, Form(ge=0, description="as in POST /infer")] = 0,
@@ -72,6 +67,9 @@ async def create_job(
     pages: Annotated[str, Form(max_length=200, description="as in POST /infer")] = "1",
     format: Annotated[Literal["json", "markdown", "csv"] | None,
                       Form(description="how GET result answers: json (default), markdown or csv")] = None,
+    callback_url: Annotated[str, Form(max_length=2048, description="POSTed the job's status JSON when it ends "
+                                      "(retried with backoff; signed with X-VLM-Signature when the service has "
+                                      "JOB_CALLBACK_SECRET); its host must be in JOB_CALLBACK_HOSTS")] = "",
 ) -> JobStatus:
     check_form_parts(await request.form())
     params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": pages_asked(page, pages),
@@ -81,16 +79,18 @@ async def create_job(
     first_page(params["pages"])
     if sniff_format(data) is None and not looks_like_bpmn(data):
         raise UnsupportedMediaError(f"not a supported file: accepted formats are {ACCEPTED_TEXT}, and BPMN XML")
-    job_id = await service.jobs.submit(params, data)
-    status = _status(request, await _job(service, job_id))
+    status = _status(request, await jobs.service.submit(params, data, callback_url.strip() or None))
     response.headers["Location"] = status.status_url
     return status
 
 
 @router.get("/{job_id}", response_model=JobStatus, operation_id="read_job", summary="A job's status",
-            responses=_errors(401, 404, 500))
-async def read_job(request: Request, job_id: str, service: ServiceDep) -> JobStatus:
-    return _status(request, await _job(service, job_id))
+            responses=_errors(401, 404, 500, 503))
+async def read_job(request: Request, job_id: str, jobs: JobsDep,
+                   wait: Annotated[float, Query(ge=0, le=60, description="long-poll: answer as soon as the job has "
+                                                "ended, or after this many seconds, whichever comes first")] = 0
+                   ) -> JobStatus:
+    return _status(request, await _job(jobs, job_id, wait))
 
 
 @router.get("/{job_id}/result", response_model=InferResponse, operation_id="read_job_result",
@@ -99,8 +99,8 @@ async def read_job(request: Request, job_id: str, service: ServiceDep) -> JobSta
                        200: {"content": {"text/markdown": {"schema": {"type": "string"}},
                                          "text/csv": {"schema": {"type": "string"}}},
                              "description": "JSON, or the table as markdown or CSV (the job's format)"}})
-async def read_job_result(job_id: str, service: ServiceDep) -> Any:
-    job = await _job(service, job_id)
+async def read_job_result(job_id: str, jobs: JobsDep) -> Any:
+    job = await _job(jobs, job_id)
     if job.status in ("queued", "running"):
         raise JobNotDoneError(f"the job is {job.status}; poll its status", headers={"Retry-After": "5"})
     if job.status == "cancelled":
@@ -119,10 +119,12 @@ async def read_job_result(job_id: str, service: ServiceDep) -> Any:
 
 @router.delete("/{job_id}", response_model=JobStatus, operation_id="delete_job",
                summary="Cancel a queued or running job (200), or forget a finished one (204)",
-               responses={**_errors(401, 404, 500), 204: {"description": "forgotten"}})
-async def delete_job(request: Request, job_id: str, service: ServiceDep) -> Any:
-    job = await _job(service, job_id)
-    if job.status in ("queued", "running") and await service.jobs.cancel(job_id):
-        return _status(request, await _job(service, job_id))
-    await service.jobs.forget(job_id)
-    return Response(status_code=204)
+               responses={**_errors(401, 404, 500, 503), 204: {"description": "forgotten"}})
+async def delete_job(request: Request, job_id: str, jobs: JobsDep) -> Any:
+    # Each step is one statement: of concurrent DELETEs exactly one cancels (200), whatever replica they reach.
+    cancelled = await jobs.service.cancel(job_id)
+    if cancelled is not None:
+        return _status(request, cancelled)
+    if await jobs.service.forget(job_id):
+        return Response(status_code=204)
+    raise JobNotFoundError()

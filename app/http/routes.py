@@ -11,7 +11,7 @@ from starlette.datastructures import FormData
 
 from app.errors import InvalidRequestError, NoTableError, NotReadyError
 from app.http.access_log import note_answer
-from app.http.dependencies import ServiceDep
+from app.http.dependencies import JobsDep, ServiceDep
 from app.http.disconnect import until_disconnect
 from app.http.envelope import EnvelopedRoute, error_responses
 from app.metrics import wants_prometheus
@@ -120,9 +120,9 @@ def _not_ready(health: HealthResponse, error: NotReadyError) -> JSONResponse:
     responses={503: {"model": HealthResponse, "description": "loading, failed or draining"},
                **error_responses(500)},
 )
-async def read_health(service: ServiceDep) -> Any:
+async def read_health(service: ServiceDep, jobs: JobsDep) -> Any:
     """HEAD gives the same status without the body (load balancers that probe with HEAD)."""
-    health = service.health()
+    health = service.health(jobs.health(), jobs.owner)
     if health.status == "healthy":
         return health
     return _not_ready(health, service.runner.not_ready_error())

@@ -24,17 +24,18 @@ class Scheduler:
         self.engine = engine
         self.rules = engine.stop_rules
         self.prefill_token_budget = prefill_token_budget
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # synchronous requests: first to free slots
+        self.background: deque[Sequence] = deque()  # job pages: the slots synchronous requests leave free
         self.running: list[Sequence] = []
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.background or self.running)
 
     def add(self, sequence: Sequence) -> None:
         guard = self.rules.repetition_guard
         sequence.repetition = guard.tracker() if guard is not None else None
-        self.waiting.append(sequence)
+        (self.background if sequence.background else self.waiting).append(sequence)
 
     def step(self) -> None:
         """Admit what fits, then advance every running sequence by one token."""
@@ -47,8 +48,9 @@ class Scheduler:
 
     def fail_all(self, error: BaseException) -> None:
         """Hand every waiting and running sequence the error and free all slots."""
-        waiting = list(self.waiting)
+        waiting = [*self.waiting, *self.background]
         self.waiting.clear()
+        self.background.clear()
         self._fail_running(error)
         for sequence in waiting:
             sequence.on_error(error)
@@ -62,22 +64,24 @@ class Scheduler:
 
     def _drop_abandoned(self) -> None:
         """Timed out or disconnected while waiting: never touches the device."""
-        for sequence in [s for s in self.waiting if s.cancel.is_set()]:
-            self.waiting.remove(sequence)
-            sequence.on_done(sequence.finish("", "cancelled"))
+        for queue in (self.waiting, self.background):
+            for sequence in [s for s in queue if s.cancel.is_set()]:
+                queue.remove(sequence)
+                sequence.on_done(sequence.finish("", "cancelled"))
 
     def _admit(self) -> list[Sequence]:
-        """Waiting sequences in arrival order, as many as free slots and the padded prefill budget allow
-        (always at least one, however long)."""
+        """Waiting sequences, synchronous ones first, each kind in arrival order, as many as free slots and the
+        padded prefill budget allow (always at least one, however long)."""
         group: list[Sequence] = []
         longest = 0
         free = self.engine.max_rows - len(self.running)
-        while self.waiting and len(group) < free:
-            tokens = self.waiting[0].inputs.prompt_tokens
-            if group and max(longest, tokens) * (len(group) + 1) > self.prefill_token_budget:
-                break
-            group.append(self.waiting.popleft())
-            longest = max(longest, tokens)
+        for queue in (self.waiting, self.background):
+            while queue and len(group) < free:
+                tokens = queue[0].inputs.prompt_tokens
+                if group and max(longest, tokens) * (len(group) + 1) > self.prefill_token_budget:
+                    return group
+                group.append(queue.popleft())
+                longest = max(longest, tokens)
         return group
 
     def _prefill(self, group: list[Sequence]) -> None:

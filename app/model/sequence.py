@@ -70,6 +70,7 @@ class Sequence:
     on_error: Callable[[BaseException], None] = lambda error: None
     on_start: Callable[[], None] = lambda: None  # it got a KV slot: no longer waiting
     on_token: Callable[[int], None] | None = None  # each new token, as it comes (streaming requests only)
+    background: bool = False  # a job's: synchronous requests take free slots first
     tokens: list[int] = field(default_factory=list)
     slot: int | None = None  # the engine's KV slot while it decodes
     position: int = 0  # index in its slot where the next input token's keys and values go

@@ -23,8 +23,15 @@ def parse_hosts(value: str) -> frozenset[str]:
 
 
 def host_allowed(url: str, allowed: frozenset[str]) -> bool:
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    """An http(s) URL, well formed, on a listed host. Whitespace or control characters make no valid URL (they
+    would reach the HTTP client as a malformed request rather than be refused here)."""
+    if any(ord(character) <= 0x20 or ord(character) == 0x7F for character in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:  # e.g. an unclosed IPv6 literal
+        return False
     if not host or parts.scheme not in ("http", "https"):
         return False
     try:

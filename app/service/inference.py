@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterator
 
 from PIL import Image
 
@@ -28,10 +28,11 @@ from app.pipeline.pages import first_page, select_pages
 from app.pipeline.repetition import RepetitionGuard
 from app.pipeline.table import TableNotFoundError, parse_table, to_markdown
 from app.request_context import current_request_id
-from app.service.job_store import JobStore
-from app.service.jobs import JobQueue, Progress
 from app.service.multipage import join_pages
 from app.service.runner import ModelState, Runner, Ticket
+
+if TYPE_CHECKING:
+    from app.jobs.runtime import JobsHealth
 from app.service.schemas import (
     HealthResponse,
     InferMetadata,
@@ -45,6 +46,12 @@ from app.service.schemas import (
 from app.settings import Settings, removed_settings_in
 
 logger = logging.getLogger(__name__)
+
+# A job's pages are decoded and queued this many at a time: prepared shortly before they can run, instead of all
+# holding their pixels and patches while they wait behind synchronous requests.
+JOB_PAGES_IN_FLIGHT = 2
+Progress = Callable[[int, int], Awaitable[None]]  # (pages done, pages in all): how far a running job got
+
 
 async def _no_progress(done: int, total: int) -> None:
     pass
@@ -134,7 +141,6 @@ class InferenceService:
             lambda: 1 if self.placement is not None and self.placement.device_fallback else 0)
         self.placement: Placement | None = None
         self.loaded_at: int | None = None  # Unix time the model became ready
-        self.jobs: JobQueue | None = None  # opened by start(): accepted jobs run once the model is ready
 
     # --- lifecycle -------------------------------------------------------------------------------
     def build_engine(self) -> Engine:
@@ -168,15 +174,6 @@ class InferenceService:
             logger.info("warm-up generation took %.2f s", time.perf_counter() - started)
         return engine
 
-    async def open_jobs(self) -> None:
-        """Open the job store and start its worker (which waits for the model): before the port takes requests."""
-        settings = self.settings
-        store = await asyncio.to_thread(JobStore, settings.jobs_db)
-        self.jobs = JobQueue(store, self.runner, self._run_job, self.prometheus, ttl_s=settings.job_ttl_s,
-                             max_jobs=settings.max_jobs, concurrency=settings.max_batch_size or 8,
-                             timeout_s=settings.job_timeout_s, stale_after_s=settings.job_timeout_s + 60)
-        self.jobs.start()
-
     async def start(self) -> None:
         await self.runner.load(self.engine_factory, self.decoder.warm())
         engine = self.runner.engine
@@ -189,16 +186,12 @@ class InferenceService:
                 loaded.model_id, loaded.adapter.path if loaded.adapter else "none", loaded.placement.device,
                 loaded.placement.dtype_name).set(1)
 
-    async def stop_jobs(self) -> None:
-        if self.jobs is not None:
-            await self.jobs.stop()
-            self.jobs.store.close()
-
     def close(self) -> None:
         self.runner.close()
         self.decoder.close()
 
-    async def _run_job(self, data: bytes, params: dict, ticket: Ticket, progress: Progress) -> InferResponse:
+    async def run_job(self, data: bytes, params: dict, ticket: Ticket, progress: Progress) -> InferResponse:
+        """A job's request, exactly as /infer would run it (its ticket is a background one)."""
         return await self.infer(data, InferParams(prompt=params["prompt"], max_new_tokens=params["max_new_tokens"],
                                                   pages=params["pages"]), ticket, progress)
 
@@ -239,19 +232,27 @@ class InferenceService:
         """Every page as its own sequence, generated concurrently (the batcher runs them side by side); a page
         that fails says so in its entry while the others answer."""
         done = 0
+        ticket.expect(len(pages))  # each page waits for a slot on its own, and is counted so
+        in_flight = asyncio.Semaphore(JOB_PAGES_IN_FLIGHT if ticket.background else len(pages))
         await progress(done, len(pages))
 
         async def one(page: int, prepared: PreparedRequest | None = None) -> InferResponse | ServiceError:
             nonlocal done
             outcome: InferResponse | ServiceError
-            try:
-                prepared = prepared or await self.prepare(data, dataclasses.replace(params, page=page), ticket)
-                outcome = await self.complete(prepared, count_request=False)
-            except ServiceError as error:
-                outcome = error
-            except Exception:  # noqa: BLE001 - a device error on one page: that page failed, say so
-                logger.exception("page %d failed", page)
-                outcome = ServiceError()
+            async with in_flight:
+                try:
+                    try:
+                        prepared = prepared or await self.prepare(data, dataclasses.replace(params, page=page),
+                                                                  ticket)
+                    except BaseException:
+                        ticket.left_queue()  # this page never reached the model
+                        raise
+                    outcome = await self.complete(prepared, count_request=False)
+                except ServiceError as error:
+                    outcome = error
+                except Exception:  # noqa: BLE001 - a device error on one page: that page failed, say so
+                    logger.exception("page %d failed", page)
+                    outcome = ServiceError()
             done += 1  # answered or failed, the page is behind us
             await progress(done, len(pages))
             return outcome
@@ -416,7 +417,8 @@ class InferenceService:
         state = self.runner.state
         return "healthy" if state == ModelState.ready else state.value
 
-    def health(self) -> HealthResponse:
+    def health(self, jobs: JobsHealth | None = None, instance_id: str | None = None) -> HealthResponse:
+        """The model's state, with the job store's (which never makes the service unhealthy: /infer needs none)."""
         runner, engine, placement = self.runner, self.runner.engine, self.placement
         return HealthResponse(
             status=self._status(),
@@ -433,8 +435,12 @@ class InferenceService:
             phase=runner.phase,
             queue_depth=runner.queue_depth,
             in_flight=runner.in_flight,
-            queued_jobs=self.jobs.counts["queued"] if self.jobs else 0,
-            running_jobs=self.jobs.counts["running"] if self.jobs else 0,
+            queued_jobs=jobs.queued if jobs else 0,
+            running_jobs=jobs.running if jobs else 0,
+            jobs_running_here=jobs.running_here if jobs else 0,
+            job_store=jobs.store if jobs else None,
+            job_store_error=jobs.store_error if jobs else None,
+            instance_id=instance_id,
             kv_cache=KVCacheInfo(**engine.cache_info()) if engine is not None else None,
             decode_mode=engine.decode_mode if engine is not None else None,
         )

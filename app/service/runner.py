@@ -39,23 +39,30 @@ NOT_READY = {
 
 
 class Ticket:
-    """An admitted request's place. It counts as waiting until its sequence gets a KV slot or the request
-    ends, whichever comes first, and as admitted until the request ends."""
+    """An admitted request's place. Its units (the request, or each of its pages) count as waiting until each
+    gets a KV slot or ends without one, and the request counts as admitted until it ends. A background ticket
+    (a job's) yields the next free slot to synchronous requests."""
 
-    def __init__(self, runner: "Runner", timeout_s: float | None = None):
+    def __init__(self, runner: "Runner", timeout_s: float | None = None, background: bool = False):
         self._runner = runner
         self._released = False
-        self._waiting = True
+        self._waiting = 1
+        self.background = background
         self.admitted_at = time.perf_counter()
         self.timeout_s = timeout_s  # its deadline, counted from admission (None: the service's default)
 
-    def started(self) -> None:  # the model thread: its sequence got a slot
-        self._runner._stop_waiting(self)
+    def expect(self, units: int) -> None:
+        """The request runs as ``units`` sequences (pages): each waits on its own. Before any has started."""
+        self._runner._add_waiting(self, units - 1)
+
+    def left_queue(self) -> None:
+        """One unit got a KV slot (the model thread) or ended without one (the event loop)."""
+        self._runner._add_waiting(self, -1)
 
     def release(self) -> None:  # the event loop: the request is answered
         if not self._released:
             self._released = True
-            self._runner._stop_waiting(self)
+            self._runner._add_waiting(self, -self._waiting)
             self._runner._pending -= 1
 
 
@@ -148,7 +155,7 @@ class Runner:
 
     @property
     def queue_depth(self) -> int:
-        """Admitted requests without a KV slot yet (decoding, or queued for the model; the body is already in)."""
+        """Admitted requests, or pages of one, without a KV slot yet (being decoded, or queued for the model)."""
         return self._waiting
 
     @property
@@ -156,11 +163,11 @@ class Runner:
         """Requests holding a KV slot (prefilling or decoding)."""
         return self.engine.slots_in_use if self.engine is not None else 0
 
-    def _stop_waiting(self, ticket: Ticket) -> None:
+    def _add_waiting(self, ticket: Ticket, change: int) -> None:
         with self._lock:
-            if ticket._waiting:
-                ticket._waiting = False
-                self._waiting -= 1
+            change = max(change, -ticket._waiting)
+            ticket._waiting += change
+            self._waiting += change
 
     async def load(self, load_engine: Callable[[], Any], *alongside: Awaitable[Any]) -> None:
         """Build the engine on the model thread (and await ``alongside`` meanwhile); flip to ready or
@@ -195,7 +202,7 @@ class Runner:
         if self.state != ModelState.ready:
             raise self.not_ready_error()
 
-    def admit(self, timeout_s: float | None = None) -> Ticket:
+    def admit(self, timeout_s: float | None = None, background: bool = False) -> Ticket:
         """Reserve a place or raise at once (503 with Retry-After): not ready, draining, or queue full."""
         self.check_ready()
         if self._pending >= self.max_queue + self.engine.max_rows:
@@ -204,9 +211,10 @@ class Runner:
                 headers={"Retry-After": str(RETRY_AFTER_BUSY_S)},
             )
         self._pending += 1
+        ticket = Ticket(self, timeout_s, background)
         with self._lock:
             self._waiting += 1
-        return Ticket(self, timeout_s)
+        return ticket
 
     async def generate(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, *,
                        timeout_s: float) -> GenerationResult:
@@ -231,8 +239,15 @@ class Runner:
             raise self._abort_error
         loop = asyncio.get_running_loop()
         delivery = Delivery(loop)
-        sequence = Sequence(inputs, max_new_tokens, on_start=ticket.started, on_done=delivery.finish,
-                            on_error=delivery.fail, on_token=delivery.token if streaming else None)
+        counted = threading.Lock()  # taken once, by whichever comes first: its start (model thread) or its end
+
+        def left_queue() -> None:
+            if counted.acquire(blocking=False):
+                ticket.left_queue()
+
+        sequence = Sequence(inputs, max_new_tokens, on_start=left_queue, on_done=delivery.finish,
+                            on_error=delivery.fail, on_token=delivery.token if streaming else None,
+                            background=ticket.background)
         deadline = loop.time() + timeout_s
         self._deliveries[delivery] = sequence
         self._inbox.put(sequence)
@@ -254,6 +269,7 @@ class Runner:
             if delivery.outcome is None:
                 sequence.cancel.set()
             self._deliveries.pop(delivery, None)
+            left_queue()  # if it ends without ever having had a slot, it is no longer waiting either
 
     def _serve(self) -> None:
         """The model thread's life after loading: take in what arrived, run one scheduler step, repeat;

@@ -107,8 +107,14 @@ class HealthResponse(BaseModel):
                               examples=["capturing CUDA graphs"])
     queue_depth: int = Field(description="admitted requests without a KV slot yet")
     in_flight: int = Field(description="requests holding a KV slot")
-    queued_jobs: int = Field(0, description="jobs accepted and not started yet")
+    queued_jobs: int = Field(0, description="jobs accepted and not started yet (the store's count, shared by every "
+                             "replica using it)")
     running_jobs: int = Field(0, description="jobs running now (on any replica sharing the job store)")
+    jobs_running_here: int = Field(0, description="jobs this replica is running")
+    job_store: str | None = Field(None, description="sqlite | postgresql (JOBS_DB)")
+    job_store_error: str | None = Field(None, description="why the job routes answer 503 now (the store could not "
+                                        "be opened or reached); /infer is not affected and status stays healthy")
+    instance_id: str | None = Field(None, description="this process, as job leases name it (host, pid, random)")
     kv_cache: KVCacheInfo | None = None
     decode_mode: str | None = Field(None, description="cuda-graphs, or eager (with the reason on CUDA)")
     error: ErrorBody | None = Field(None, description="set whenever the status code is not 200")
@@ -147,6 +153,13 @@ class JobProgress(BaseModel):
     pages_total: int
 
 
+class CallbackInfo(BaseModel):
+    url: str
+    status: Literal["pending", "delivered", "failed"] | None = Field(
+        None, description="null until the job ends; pending while it is being sent or retried")
+    attempts: int = Field(0, description="delivery tries so far")
+
+
 class JobStatus(BaseModel):
     id: str = Field(description="unguessable: whoever holds it can read the result")
     status: Literal["queued", "running", "done", "failed", "cancelled"]
@@ -158,3 +171,5 @@ class JobStatus(BaseModel):
     progress: JobProgress | None = Field(None, description="pages answered so far (failed pages count too); null "
                                          "until the job has opened its file")
     error: ErrorBody | None = Field(None, description="why the job failed (status=failed)")
+    callback: CallbackInfo | None = Field(None, description="the callback_url given at submission, and how its "
+                                          "delivery went")
