@@ -20,7 +20,7 @@ def document(pages: int, fmt: str = "PDF") -> bytes:
     images = []
     for number in range(pages):
         image = Image.new("RGB", (400, 300), "white")
-        ImageDraw.Draw(image).rectangle((20 + 40 * number, 20, 200, 120), outline="black", width=3)
+        ImageDraw.Draw(image).rectangle((20 + 8 * number, 20, 200 + 8 * number, 120), outline="black", width=3)
         images.append(image)
     buffer = io.BytesIO()
     images[0].save(buffer, format=fmt, save_all=True, append_images=images[1:])

@@ -17,7 +17,7 @@ from app.errors import (
 )
 from app.http.dependencies import JobsDep
 from app.http.envelope import EnvelopedRoute, error_responses
-from app.http.routes import TABLE_FORMATS, check_form_parts, pages_asked
+from app.http.routes import INFER_FIELDS, TABLE_FORMATS, check_form_parts, pages_asked
 from app.pipeline.bpmn import looks_like_bpmn
 from app.pipeline.imaging import ACCEPTED_TEXT, sniff_format
 from app.pipeline.pages import first_page
@@ -27,6 +27,7 @@ from app.jobs.runtime import JobSystem
 from app.jobs.status import job_status
 from app.service.schemas import InferResponse, JobStatus
 
+JOB_FIELDS = INFER_FIELDS | {"callback_url"}
 router = APIRouter(prefix="/jobs", route_class=EnvelopedRoute, tags=["jobs"])
 _DESCRIPTIONS = {
     404: "No such job: never submitted, forgotten, or its result expired after JOB_TTL_S",
@@ -71,7 +72,7 @@ async def create_job(
                                       "(retried with backoff; signed with X-VLM-Signature when the service has "
                                       "JOB_CALLBACK_SECRET); its host must be in JOB_CALLBACK_HOSTS")] = "",
 ) -> JobStatus:
-    check_form_parts(await request.form())
+    check_form_parts(await request.form(), JOB_FIELDS)
     params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": pages_asked(page, pages),
               "format": format or "json"}
     data = await file.read()

@@ -80,17 +80,17 @@ def pages_asked(page: int, pages: str) -> str:
 INFER_FIELDS = frozenset({"file", "prompt", "max_new_tokens", "page", "pages", "format"})
 
 
-def check_form_parts(form: FormData) -> None:
+def check_form_parts(form: FormData, fields: frozenset[str] = INFER_FIELDS) -> None:
     """One file per request, and only known fields: a part the service would ignore is an answer to another
     question (a second diagram silently dropped, a misspelt option silently defaulted)."""
     files = form.getlist("file")
     if len(files) > 1:
         raise InvalidRequestError(f"one file per request ({len(files)} file parts given): send each diagram on its "
                                   "own request")
-    unknown = sorted(set(form.keys()) - INFER_FIELDS)
+    unknown = sorted(set(form.keys()) - fields)
     if unknown:
         raise InvalidRequestError(f"unknown form field(s): {', '.join(unknown)}; the fields are "
-                                  f"{', '.join(sorted(INFER_FIELDS))}")
+                                  f"{', '.join(sorted(fields))}")
 
 
 TABLE_FORMATS = {"markdown": (to_markdown, "text/markdown; charset=utf-8"), "csv": (to_csv, "text/csv; charset=utf-8")}
