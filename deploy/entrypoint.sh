@@ -7,15 +7,21 @@ APP_UID=${APP_UID:-1000}
 if [ "$(id -u)" != 0 ]; then
     exec "$@"
 fi
-# The model cache and the job store's folder: both may be host folders or fresh volumes owned by root.
-for folder in "${HF_HOME:-/root/.cache/huggingface}" "$(dirname "${JOBS_DB:-/app/jobs/jobs.sqlite3}")"; do
-    mkdir -p "$folder"
+# Hand a folder to the service user: the model cache and the SQLite job store's folder may be host folders or
+# fresh volumes owned by root.
+own() {
+    mkdir -p "$1"
     # Only when something in it is not the service user's: a warm cache of many GB is not walked every start.
-    if [ -n "$(find "$folder" ! -user "$APP_UID" -print -quit 2>/dev/null)" ]; then
-        if ! chown -R "$APP_UID:$APP_UID" "$folder" 2>/dev/null; then
-            echo "entrypoint: could not give $folder to uid $APP_UID (a read-only mount?); writing into it will fail" >&2
+    if [ -n "$(find "$1" ! -user "$APP_UID" -print -quit 2>/dev/null)" ]; then
+        if ! chown -R "$APP_UID:$APP_UID" "$1" 2>/dev/null; then
+            echo "entrypoint: could not give $1 to uid $APP_UID (a read-only mount?); writing into it will fail" >&2
         fi
     fi
-done
+}
+own "${HF_HOME:-/root/.cache/huggingface}"
+case "${JOBS_DB:-/app/jobs/jobs.sqlite3}" in
+    *://*) ;;  # a database server (postgresql://…): no folder of ours holds the jobs
+    *) own "$(dirname "${JOBS_DB:-/app/jobs/jobs.sqlite3}")" ;;
+esac
 exec setpriv --reuid="$APP_UID" --regid="$APP_UID" --clear-groups --inh-caps=-all --bounding-set=-all \
     --no-new-privs -- "$@"
