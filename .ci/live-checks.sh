@@ -110,3 +110,6 @@ done
 "$VENV/bin/python" .ci/swagger_check.py "http://127.0.0.1:$KEYED_PORT" "$ART/diagram.png" \
   "$ART/swagger-authorize.png" ci-secret
 kill "$KEYED_PID" 2>/dev/null || true
+
+echo "--- the KEDA trigger's query on a real Prometheus scraping two replicas (requests waiting, jobs queued)"
+"$VENV/bin/python" .ci/keda_query_check.py "$DEMO_DIR/demo" $((PORT + 2)) $((PROM_PORT + 1)) "$ART"
