@@ -214,3 +214,49 @@ def test_a_store_that_comes_up_later_is_used_without_a_restart(postgres):
             time.sleep(0.2)
         job = submit(client)
         assert wait_until(client, job["id"], {"done"})["status"] == "done"
+
+
+@contextlib.contextmanager
+def small_disk(folder, size: str = "3m"):
+    """A tmpfs of ``size`` at ``folder``: a disk that really fills up (root only, as in CI)."""
+    import os
+    import subprocess
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder) -> None:
+    with open(folder / "filler", "wb") as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+
+
+def test_a_full_disk_answers_503_and_the_job_end_is_written_once_space_returns(tmp_path):
+    with small_disk(tmp_path / "disk") as disk:
+        with replica(str(disk / "jobs.sqlite3"), FakeEngine(generate_s=2.0)) as client:
+            wait_for_status(client, "healthy")
+            job = submit(client)
+            wait_until(client, job["id"], {"running"})
+            fill(disk)
+            big = diagram_png(900, 700, fmt="BMP")  # needs new pages in the store, which a full disk cannot give
+            refused = client.post("/jobs", files={"file": ("d.bmp", big, "image/bmp")})
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "job_store_unavailable", \
+                refused.text
+            time.sleep(2.5)  # the job's generation ends meanwhile: its end may not fit either
+            (disk / "filler").unlink()
+            done = wait_until(client, job["id"], {"done", "failed"}, timeout_s=30)
+            assert done["status"] == "done"
+            metrics = client.get("/metrics", headers={"Accept": "text/plain"}).text
+            assert 'vlm_job_duration_seconds_count{status="done"} 1.0' in metrics
+            assert client.get("/health").json()["running_jobs"] == 0

@@ -55,6 +55,7 @@ class JobService:
         except StoreFullError as full:
             raise OverloadedError(f"{full.unfinished} jobs queued or running (MAX_JOBS={self.max_jobs}); retry "
                                   "later", headers={"Retry-After": "30"}) from None
+        await self.worker.refresh_quietly()
         self.worker.wake()
         return job
 
@@ -100,10 +101,14 @@ class JobService:
         if job is not None:
             self.worker.stop_local(job_id)
             self.ended(job_id)
+            await self.worker.refresh_quietly()
         return job
 
     async def forget(self, job_id: str) -> bool:
-        return await self._call(self.store.forget, job_id)
+        forgotten = await self._call(self.store.forget, job_id)
+        if forgotten:
+            await self.worker.refresh_quietly()
+        return forgotten
 
     async def close(self) -> None:
         if self._watch is not None:

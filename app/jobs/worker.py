@@ -183,6 +183,11 @@ class JobWorker:
         for status, count in self.counts.items():
             self.metrics.jobs.labels(status, self.store.label).set(count)
 
+    async def refresh_quietly(self) -> None:
+        """After a change: /health and vlm_jobs show it now, not at the next tick (which retries if this fails)."""
+        with contextlib.suppress(StoreUnavailableError):
+            await self.refresh()
+
     # --- one job ------------------------------------------------------------------------------------
     async def _run(self, claim: Claim) -> None:
         request_id_var.set(f"job-{claim.id[:12]}")  # this task's log lines and answer carry the job
@@ -260,6 +265,7 @@ class JobWorker:
             if written:
                 self.metrics.job_duration.labels(status).observe(time.perf_counter() - started)
                 self.on_end(claim.id)
+                await self.refresh_quietly()
                 self.wake()  # a place is free: claim the next job now
                 return
             break
