@@ -260,3 +260,14 @@ def test_a_full_disk_answers_503_and_the_job_end_is_written_once_space_returns(t
             metrics = client.get("/metrics", headers={"Accept": "text/plain"}).text
             assert 'vlm_job_duration_seconds_count{status="done"} 1.0' in metrics
             assert client.get("/health").json()["running_jobs"] == 0
+
+
+def test_an_answer_over_max_result_mb_fails_its_job_with_413(jobs_db):
+    with replica(jobs_db, FakeEngine(text="| № | Действие | Роль |\n|---|---|---|\n" + "| 1 | шаг | роль |\n" * 200),
+                 max_result_mb=0.001) as client:  # about 1 KB: the answer above is larger
+        wait_for_status(client, "healthy")
+        job = submit(client)
+        failed = wait_until(client, job["id"], {"done", "failed"})
+        assert failed["status"] == "failed" and "MAX_RESULT_MB" in failed["error"]["message"]
+        result = client.get(job["result_url"])
+        assert result.status_code == 413 and result.json()["error"]["type"] == "payload_too_large"
