@@ -72,9 +72,12 @@ class Metrics:
         self.rejected = Counter("vlm_rejected_requests", "Inference requests refused at the door, before admission "
                                 "(wrong key, body too large or too slow, not ready, overloaded)", ["route", "reason"],
                                 registry=registry)
-        self.failed = Counter("vlm_failed_requests", "Admitted inference requests that ended in an error instead of "
-                              "an answer (bad input, deadline, shutdown, internal or device error)",
-                              ["route", "reason"], registry=registry)
+        self.failed = Counter("vlm_failed_requests", "Admitted inference requests the service failed: 5xx (deadline, "
+                              "shutdown, internal or device error); alert on this one", ["route", "reason"],
+                              registry=registry)
+        self.client_errors = Counter("vlm_client_error_requests", "Admitted inference requests refused for what "
+                                     "the client sent: 4xx (a bad file, a prompt too long, no table)",
+                                     ["route", "reason"], registry=registry)
         self.jobs = Gauge("vlm_jobs", "Jobs in the job store, by status: the store's own count, so every replica "
                           "sharing the store exports the same number (read it with max by (store), never sum)",
                           ["status", "store"], registry=registry)

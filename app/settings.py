@@ -95,6 +95,9 @@ class Settings(BaseSettings):
                                          "generation place, and at most MAX_UPLOADS x MAX_UPLOAD_MB of memory")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's headers within "
                                                             "this, and idle keep-alive connections close after it")
+    max_connections: int = Field(1000, ge=8, le=1_000_000, description="open connections at once; past it the "
+                                 "one slowest to send its request is closed to make room (keep it under the "
+                                 "process's file limit, ulimit -n)")
     decode_timeout_s: float = Field(5.0, gt=0, description="longest a file may take to decode; past it: 400 and "
                                                            "its decoder worker is replaced")
     request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline, queue wait included")

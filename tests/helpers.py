@@ -49,7 +49,7 @@ class FakeEngine:
         self.decode_mode = "eager"
         self.geometry = VisionGeometry(factor=32, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
         self.defaults = ServingDefaults(prompt="prompt", max_new_tokens=16, max_image_tokens=64)
-        self.loaded = SimpleNamespace(model_id="fake-model", adapter=None,
+        self.loaded = SimpleNamespace(model_id="fake-model", adapter=None, processor=object(),
                                       placement=Placement("cpu", torch.float32))
 
     @property

@@ -80,7 +80,7 @@ def test_workers_exit_when_their_server_is_killed(tmp_path):
               "from app.pipeline.decode_pool import DecoderPool\n"
               "pool = DecoderPool(2)\n"
               "asyncio.run(pool.warm())\n"
-              "print(' '.join(str(p) for p in pool._pool._processes), flush=True)\n"
+              "print(' '.join(str(p) for p in pool.pids), flush=True)\n"
               "import time; time.sleep(60)\n")
     server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=os.path.dirname(os.path.dirname(__file__)))

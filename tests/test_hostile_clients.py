@@ -180,8 +180,8 @@ def test_a_decoder_worker_killed_while_idle_is_replaced_and_nobody_is_blamed():
 
     async def scenario() -> None:
         await pool.warm()
-        for process in list(pool._pool._processes.values()):
-            os.kill(process.pid, signal.SIGKILL)  # the OOM killer, say
+        for pid in pool.pids:
+            os.kill(pid, signal.SIGKILL)  # the OOM killer, say
         time.sleep(0.5)
         results = await asyncio.gather(*(decode(pool, diagram_png()) for _ in range(3)))
         assert all(result.source_format == "PNG" for result in results)
@@ -197,8 +197,8 @@ def test_a_worker_death_under_a_request_is_retried_before_the_file_is_blamed():
     service = InferenceService(Settings(), engine_factory=fake_factory(engine))
     with TestClient(create_app(service=service)) as client:
         wait_for_status(client, "healthy")
-        for process in list(service.decoder._pool._processes.values()):
-            os.kill(process.pid, signal.SIGKILL)
+        for pid in service.decoder.pids:
+            os.kill(pid, signal.SIGKILL)
         responses = [client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")})
                      for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 200]

@@ -77,13 +77,15 @@ def test_health_and_metrics_are_not_inference_traffic(client):
     assert after['vlm_requests_total{endpoint="/health",status="200"}'] >= 1
 
 
-def test_failures_after_admission_are_counted_by_reason(client):
+def test_client_errors_after_admission_are_counted_apart_from_server_failures(client):
     before = scrape(client)
     response = client.post("/infer", files={"file": ("x.bin", b"\x00\x01junk", "application/octet-stream")})
     assert response.status_code == 415
     after = scrape(client)
-    key = 'vlm_failed_requests_total{reason="unsupported_media_type",route="/infer"}'
+    key = 'vlm_client_error_requests_total{reason="unsupported_media_type",route="/infer"}'
     assert after[key] == before.get(key, 0) + 1
+    failed = sum(value for sample, value in after.items() if sample.startswith("vlm_failed_requests_total"))
+    assert failed == sum(value for sample, value in before.items() if sample.startswith("vlm_failed_requests_total"))
 
 
 @pytest.mark.parametrize("accept, query, expected", [
@@ -191,8 +193,9 @@ def test_json_metrics_and_prometheus_agree_after_a_mix_of_outcomes():
 
     assert as_json["inference_count"] == total("vlm_inference_duration_seconds_count") == 3
     assert as_json["total_inference_time"] == pytest.approx(total("vlm_inference_duration_seconds_sum"), abs=1e-3)
-    assert as_json["failed_count"] == total("vlm_failed_requests_total") == 2
+    assert as_json["failed_count"] == total("vlm_failed_requests_total") == 1  # the device: the service's failure
     assert prometheus['vlm_failed_requests_total{reason="internal_error",route="/infer"}'] == 1
+    assert as_json["client_error_count"] == total("vlm_client_error_requests_total") == 1  # the bad file
     assert as_json["rejected_count"] == total("vlm_rejected_requests_total") == 3
     assert as_json["prompt_tokens_total"] == total("vlm_prompt_tokens_total") == 30
     assert as_json["completion_tokens_total"] == total("vlm_generated_tokens_total") > 0

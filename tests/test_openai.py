@@ -320,7 +320,7 @@ def test_metrics_carry_the_route(client, live):
     exposition = httpx.get(f"{live[0]}/metrics", headers={"Accept": "text/plain"}).text
     assert 'vlm_request_duration_seconds_count{route="/v1/chat/completions"}' in exposition
     assert 'vlm_requests_total{endpoint="/v1/chat/completions",status="200"}' in exposition
-    assert 'vlm_failed_requests_total{reason="image_url_not_allowed",route="/v1/chat/completions"}' in exposition
+    assert 'vlm_client_error_requests_total{reason="image_url_not_allowed",route="/v1/chat/completions"}' in exposition
 
 
 def test_streaming_with_the_real_tokenizer_matches_the_whole_answer(tiny_model_dir):

@@ -14,7 +14,7 @@ from .test_pages import document
 from .test_server import running_server
 
 LEASE_S = 4
-ENV = {"MAX_NEW_TOKENS": "24", "FORCE_MAX_NEW_TOKENS": "true", "MAX_BATCH_SIZE": "2", "JOB_LEASE_S": str(LEASE_S),
+ENV = {"MAX_NEW_TOKENS": "48", "FORCE_MAX_NEW_TOKENS": "true", "MAX_BATCH_SIZE": "2", "JOB_LEASE_S": str(LEASE_S),
        "WARMUP": "false", "DECODE_WORKERS": "1"}
 
 
@@ -69,11 +69,15 @@ def test_three_replicas_on_postgres_survive_one_killed_mid_job(tiny_model_dir, p
         owners = [httpx.get(f"{base}/health").json()["instance_id"] for base in bases]
         assert len(set(owners)) == 3
         job_ids = [submit(bases[number % 3]) for number in range(24)]
-        victim_base, victim = servers[0]
         deadline = time.monotonic() + 60
-        while httpx.get(f"{victim_base}/health").json()["jobs_running_here"] == 0:
-            assert time.monotonic() < deadline, "the first replica never ran a job"
-            time.sleep(0.05)
+        running = None  # the victim: the first replica seen running a job
+        while running is None:
+            assert time.monotonic() < deadline, "no replica was ever seen running a job"
+            running = next((number for number, base in enumerate(bases)
+                            if httpx.get(f"{base}/health").json()["jobs_running_here"]), None)
+        order = [running] + [number for number in range(3) if number != running]
+        servers, bases, owners = ([items[number] for number in order] for items in (servers, bases, owners))
+        victim = servers[0][1]
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
         killed_at = time.monotonic()

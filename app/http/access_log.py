@@ -90,7 +90,10 @@ class AccessLogMiddleware:
             metrics.request_duration.labels(record.path).observe(record.duration_s)
             # A client that hung up was neither refused nor failed (it counts as cancelled).
             if record.error_type and status != ClientClosedError.status_code:
-                counter = metrics.failed if record.admitted else metrics.rejected
+                if not record.admitted:
+                    counter = metrics.rejected
+                else:  # who failed: the service (5xx, what ops alert on) or the request (4xx)
+                    counter = metrics.failed if status >= 500 else metrics.client_errors
                 counter.labels(record.path, record.error_type).inc()
         fields = {k: v for k, v in asdict(record).items() if v is not None and k != "admitted"}
         level = logging.INFO if inference else logging.DEBUG  # probes stay quiet

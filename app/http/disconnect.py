@@ -60,14 +60,16 @@ class EventStreamResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         streaming = asyncio.ensure_future(self._stream_then_close(send))
         watcher = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        done: set[asyncio.Future] = set()
         try:
-            await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (streaming, watcher):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await streaming
-        if watcher.done() and not watcher.cancelled():
+        # A client that read to the end and then hung up abandoned nothing: only a stream cut short is logged.
+        if watcher in done and streaming not in done:
             logger.info("client disconnected; stream abandoned")
 
     async def _stream_then_close(self, send: Send) -> None:

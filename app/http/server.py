@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -17,49 +18,111 @@ from app.service.runner import ABORT_FLUSH_S, shutdown_error
 logger = logging.getLogger(__name__)
 
 
-def header_timeout_protocol(timeout_s: float) -> type[HttpToolsProtocol]:
-    """uvicorn's HTTP protocol, plus a deadline for each request's headers: a connection that opens and sends
-    nothing, or trickles its headers, is closed after ``timeout_s`` instead of holding a socket forever."""
+MAX_HEAD_BYTES = 32 * 1024  # request line and headers; nginx allows 4 x 8 KB, h11 16 KB
 
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
 
-        def _arm(self) -> None:
+def _refusal(status: str, error_type: str, message: str) -> bytes:
+    """A complete HTTP/1.1 answer in the service's error envelope, for refusals made before any request exists."""
+    body = json.dumps({"error": {"type": error_type, "message": message, "request_id": None}}).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+TOO_LARGE_HEAD = _refusal("431 Request Header Fields Too Large", "request_header_too_large",
+                          f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB")
+TOO_MANY_CONNECTIONS = _refusal("503 Service Unavailable", "overloaded",
+                                "too many connections are open; retry shortly")
+
+
+def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol with the limits a server facing the open network needs, on every route:
+    - a request's headers must arrive within ``header_timeout_s`` and fit in MAX_HEAD_BYTES (else 431), so a
+      connection that sends nothing, trickles, or streams endless headers holds neither a socket nor memory;
+    - a request's body must arrive within ``body_timeout_s`` (the upload routes answer 408 before that; this
+      closes the connection of any other route a client drips a body into);
+    - at most ``max_connections`` connections: past it, the one that has been sending its request the longest
+      is closed to make room, so new clients (health probes among them) are still answered."""
+
+    connections: dict["GuardedProtocol", None] = {}  # insertion order: the oldest first
+
+    class GuardedProtocol(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+        _in_head = True  # receiving a request line and headers (or waiting for the first byte of one)
+        _receiving_since: float | None = None  # while a request (head or body) is on its way in
+
+        def _arm(self, timeout_s: float, why: str) -> None:
             self._disarm()
-            self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+            self._timer = self.loop.call_later(timeout_s, self._too_slow, why)
 
         def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
+        def _too_slow(self, why: str) -> None:
+            self._timer = None
             if not self.transport.is_closing():
-                logger.info("closing a connection that sent no complete request headers within %.0f s", timeout_s)
+                logger.info("closing a connection that %s", why)
                 self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._receiving_since = time.monotonic()
+            self._arm(header_timeout_s, f"sent no complete request headers within {header_timeout_s:.0f} s")
+            if len(connections) >= max_connections and not self._make_room():
+                transport.write(TOO_MANY_CONNECTIONS)
+                transport.close()
+                return
+            connections[self] = None
+
+        def _make_room(self) -> bool:
+            """Close the connection that has been receiving its request the longest; False when none is."""
+            slowest = min((other for other in connections if other._receiving_since is not None),
+                          key=lambda other: other._receiving_since, default=None)
+            if slowest is None:
+                return False
+            logger.info("connection limit (%d) reached: closing the one slowest to send its request", max_connections)
+            connections.pop(slowest, None)
+            slowest.transport.close()
+            return True
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.transport.write(TOO_LARGE_HEAD)
+                self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm()
+            self._receiving_since = self._receiving_since or time.monotonic()
+            self._arm(header_timeout_s, f"sent no complete request headers within {header_timeout_s:.0f} s")
 
         def on_headers_complete(self) -> None:
-            self._disarm()
+            self._in_head = False
+            self._arm(body_timeout_s, f"sent no complete request body within {body_timeout_s:.0f} s")
             super().on_headers_complete()
 
+        def on_message_complete(self) -> None:
+            self._disarm()
+            self._receiving_since = None
+            super().on_message_complete()
+
         def on_response_complete(self) -> None:
-            self._disarm()  # from here uvicorn's keep-alive timeout watches the idle connection
+            if self._receiving_since is None:  # the request is in whole: uvicorn's keep-alive timeout takes over
+                self._disarm()
+                self._in_head, self._head_bytes = True, 0
+            # else a client still dripping a body the route never read: the body deadline stays armed
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            connections.pop(self, None)
             super().connection_lost(exc)
 
-    return HeaderTimeoutProtocol
+    return GuardedProtocol
 
 
 class DrainingServer(uvicorn.Server):
@@ -99,7 +162,8 @@ class DrainingServer(uvicorn.Server):
 def serve(service: InferenceService, app) -> None:
     settings = service.settings
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_config=None,
-                            http=header_timeout_protocol(settings.header_timeout_s),
+                            http=guarded_protocol(settings.header_timeout_s, settings.upload_timeout_s + 5,
+                                                  settings.max_connections),
                             timeout_keep_alive=settings.header_timeout_s,
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
     DrainingServer(config, service).run()

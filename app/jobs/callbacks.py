@@ -77,7 +77,7 @@ class CallbackSender:
                 response = await self._client.post(url, content=body, headers=headers)
                 delivered = 200 <= response.status_code < 300
                 why = f"it answered {response.status_code}"
-            except httpx.HTTPError as error:
+            except (httpx.HTTPError, httpx.InvalidURL) as error:
                 why = f"{type(error).__name__}: {error}"
         retry_in = backoff_s(job.callback_attempts + 1) if attempts_left and not delivered else None
         if not delivered:

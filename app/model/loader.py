@@ -102,12 +102,20 @@ def read_params(adapter_dir: Path) -> dict[str, Any]:
     return params
 
 
+def check_adapter(adapter_dir: Path, required: bool) -> bool:
+    """Whether there is an adapter to apply. Raises ModelLoadError when one is required and missing: checked
+    before the base model is fetched, so a missing mount is reported at once, not after minutes of downloads."""
+    if (adapter_dir / "adapter_config.json").is_file():
+        return True
+    if required:
+        raise ModelLoadError(f"no adapter at {adapter_dir} (no adapter_config.json): mount the fine-tuned "
+                             "adapter there, or set REQUIRE_ADAPTER=false to serve the base model on purpose")
+    return False
+
+
 def apply_adapter(model: Any, adapter_dir: Path, required: bool = True) -> tuple[Any, AdapterReport | None]:
     """Apply the LoRA adapter with peft, verify every weight landed, merge it and unload the wrapper."""
-    if not (adapter_dir / "adapter_config.json").is_file():
-        if required:
-            raise ModelLoadError(f"no adapter at {adapter_dir} (no adapter_config.json): mount the fine-tuned "
-                                 "adapter there, or set REQUIRE_ADAPTER=false to serve the base model on purpose")
+    if not check_adapter(adapter_dir, required):
         logger.warning("adapter not found at %s (no adapter_config.json), serving the base model "
                        "(REQUIRE_ADAPTER=false)", adapter_dir)
         return model, None
@@ -181,6 +189,7 @@ def load_model(settings: Settings, placement: Placement) -> LoadedModel:
 
     started = time.perf_counter()
     base, adapter_dir = resolve_sources(settings)
+    check_adapter(adapter_dir, settings.require_adapter)
     if placement.device == "cpu" and settings.torch_dtype == TorchDType.auto:
         parameters = count_parameters(base, settings.model_revision)
         dtype, _ = resolve_dtype("cpu", TorchDType.auto, parameters)

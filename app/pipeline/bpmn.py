@@ -3,8 +3,10 @@ upload with them, without the model; the evaluation command uses them as the exp
 
 Tasks are the actions; the lane holding a task (the innermost one, for nested lanes) is its role, or the
 pool (participant) when the process has no lanes. The order follows the sequence flows from the start
-events, breadth first (a boundary event continues from the activity it is attached to); tasks no flow reaches
-keep their document order at the end.
+events: a task comes after every task that flows into it (at a join, the branch that flows into the other comes
+first), otherwise in the order the flows reach them; a loop is entered where the flows first reach it, and a
+boundary event continues from the activity it is attached to. Tasks no flow reaches keep their document order at
+the end.
 
 The rows are what the diagram shows: the tasks inside an expanded sub-process follow it, in the sub-process's
 lane, unless the diagram draws it collapsed; a call activity drawn expanded shows the process it calls the same
@@ -14,20 +16,16 @@ reference models (tests/test_bpmn_miwg.py).
 
 from __future__ import annotations
 
-import re
 import xml.etree.ElementTree as ElementTree
+import heapq
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import InvalidImageError
-from app.pipeline.xml_upload import local_name, parse_upload
+from app.errors import InvalidImageError, PayloadTooLargeError
+from app.pipeline.xml_upload import local_name, parse_upload, root_tag
 
-BPMN_NAMESPACE = b"http://www.omg.org/spec/BPMN/20100524/MODEL"
-# A BPMN document needs no DTD: one is refused before parsing, so neither entity expansion (the "billion
-# laughs") nor external references (files, URLs) can happen.
-_DECLARATION = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
-_ROOT = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?definitions[\s>]")
+BPMN_NAMESPACE = "http://www.omg.org/spec/BPMN/20100524/MODEL"
 
 TASK_TYPES = {
     "task", "userTask", "serviceTask", "manualTask", "scriptTask", "sendTask", "receiveTask",
@@ -35,9 +33,16 @@ TASK_TYPES = {
 }
 SUB_PROCESS_TYPES = {"subProcess", "adHocSubProcess", "transaction"}
 MAX_TASKS = 10_000
+# The rows' text in all: call activities copy a process's tasks (and their names) each time they are called, so a
+# few hundred KB of XML can expand to a table of hundreds of MB. Real diagrams stay far below.
+MAX_TABLE_CHARS = 2_000_000
 
 
 class TooManyTasksError(ValueError):
+    pass
+
+
+class TableTooLargeError(ValueError):
     pass
 
 
@@ -81,20 +86,54 @@ def _flow_order(container: ElementTree.Element) -> list[ElementTree.Element]:
         successors.setdefault(flow.get("sourceRef", ""), []).append(flow.get("targetRef", ""))
     for boundary in _children(container, "boundaryEvent"):  # no incoming flow: it leaves from its activity
         successors.setdefault(boundary.get("attachedToRef", ""), []).append(boundary.get("id", ""))
-    queue = deque(node.get("id") for node in container if local_name(node.tag) == "startEvent")
-    seen: set[str] = set(queue)
-    order: list[ElementTree.Element] = []
-    while queue:
-        node_id = queue.popleft()
-        node = nodes.get(node_id)
-        if node is not None and local_name(node.tag) in TASK_TYPES:
-            order.append(node)
-        for target in successors.get(node_id, []):
-            if target not in seen:
-                seen.add(target)
-                queue.append(target)
+    starts = [node.get("id") for node in container if local_name(node.tag) == "startEvent"]
+    order = [nodes[node_id] for node_id in _topological(starts, successors)
+             if node_id in nodes and local_name(nodes[node_id].tag) in TASK_TYPES]
     reached = {id(node) for node in order}
     return order + [task for task in tasks if id(task) not in reached]
+
+
+def _topological(starts: list[str], successors: dict[str, list[str]]) -> list[str]:
+    """The nodes reachable from ``starts``, each after every reachable node that flows into it (at a join, the
+    branch that flows into another is listed first); ties in the order the flows discover them. A loop has no
+    such order: its entry is taken as soon as nothing outside the loop is left to wait for."""
+    discovered: dict[str, int] = {}
+    queue = deque(starts)
+    for node_id in starts:
+        discovered.setdefault(node_id, len(discovered))
+    while queue:
+        for target in successors.get(queue.popleft(), []):
+            if target not in discovered:
+                discovered[target] = len(discovered)
+                queue.append(target)
+    waiting_on = dict.fromkeys(discovered, 0)
+    for source in discovered:
+        for target in successors.get(source, []):
+            waiting_on[target] += 1
+    ready = [(discovered[node_id], node_id) for node_id, count in waiting_on.items() if count == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    done: set[str] = set()
+    by_discovery = list(discovered)  # a dict keeps insertion order: discovery order
+    first_left = 0
+    while len(order) < len(discovered):
+        if not ready:  # only loops are left: enter the first one the flows reached
+            while by_discovery[first_left] in done:
+                first_left += 1
+            entry = by_discovery[first_left]
+            ready = [(discovered[entry], entry)]
+            waiting_on[entry] = 0
+        _, node_id = heapq.heappop(ready)
+        if node_id in done:
+            continue
+        done.add(node_id)
+        order.append(node_id)
+        for target in successors.get(node_id, []):
+            if target not in done:
+                waiting_on[target] -= 1
+                if waiting_on[target] == 0:
+                    heapq.heappush(ready, (discovered[target], target))
+    return order
 
 
 class _Document:
@@ -103,6 +142,7 @@ class _Document:
 
     def __init__(self, root: ElementTree.Element):
         self._rows_left = MAX_TASKS
+        self._chars_left = MAX_TABLE_CHARS
         self._orders: dict[int, list[ElementTree.Element]] = {}  # a process called many times is ordered once
         self.processes = {process.get("id"): process for process in root
                           if local_name(process.tag) == "process" and process.get("id")}
@@ -135,6 +175,10 @@ class _Document:
             self._rows_left -= 1
             if self._rows_left < 0:  # call activities can multiply a small file into millions of rows
                 raise TooManyTasksError(f"the BPMN file expands to more than {MAX_TASKS} tasks")
+            self._chars_left -= len(task.get("name") or "")
+            if self._chars_left < 0:  # counted before any row's text is built: memory stays flat
+                raise TableTooLargeError(f"the BPMN file expands to a table of more than {MAX_TABLE_CHARS} "
+                                         "characters (its call activities repeat long task names)")
             inner = self.inside(task)
             if inner is not None and inner.get("id", "") not in visiting:  # a process calling itself: shown once
                 rows += self.tasks(inner, lane_node, visiting | {inner.get("id", "")})
@@ -142,19 +186,23 @@ class _Document:
 
 
 def looks_like_bpmn(data: bytes) -> bool:
-    """XML whose root element is BPMN's ``definitions``, judged from the start of the file."""
-    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"<") and BPMN_NAMESPACE in head and _ROOT.search(head) is not None
+    """XML whose root element is ``definitions`` declaring BPMN's namespace, judged from the decoded start of the
+    file (any encoding; a namespace planted in a comment does not count)."""
+    tag = root_tag(data, "definitions")
+    return tag is not None and BPMN_NAMESPACE in tag
 
 
 def parse_bpmn(data: bytes) -> list[ExpectedRow]:
     """The rows of an uploaded BPMN file. Raises InvalidImageError (400) for a DTD, broken XML or a file too
     large to read."""
-    root = parse_upload(data, "BPMN", _DECLARATION, "a DOCTYPE or entities")
+    # A BPMN document needs no DTD: any DOCTYPE is refused by the parser, in whatever encoding the file is.
+    root = parse_upload(data, "BPMN", allow_doctype=False)
     try:
         return _rows(root)
     except TooManyTasksError as error:
         raise InvalidImageError(str(error)) from None
+    except TableTooLargeError as error:
+        raise PayloadTooLargeError(str(error)) from None
     except RecursionError:
         raise InvalidImageError("the BPMN file nests sub-processes too deeply to read") from None
 
@@ -177,6 +225,7 @@ def _rows(root: ElementTree.Element) -> list[ExpectedRow]:
     shown += [process for process in root if local_name(process.tag) == "process"
               and process.get("id") not in pools and process.get("id") not in called]
     rows: list[ExpectedRow] = []
+    chars = 0
     for process in shown:
         pool = pools.get(process.get("id", ""), "") or _name(process)
         roles = _lane_roles(process, pool)
@@ -184,4 +233,7 @@ def _rows(root: ElementTree.Element) -> list[ExpectedRow]:
             action = _name(task)
             if action:
                 rows.append(ExpectedRow(action, roles.get(lane_node, pool)))
+                chars += len(action) + len(rows[-1].role)  # a long lane name repeated on every row counts too
+                if chars > MAX_TABLE_CHARS:
+                    raise TableTooLargeError(f"the BPMN file's table is more than {MAX_TABLE_CHARS} characters")
     return rows

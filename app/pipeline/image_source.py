@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
@@ -22,22 +22,33 @@ def parse_hosts(value: str) -> frozenset[str]:
     return frozenset(entry.strip().lower() for entry in value.split(",") if entry.strip())
 
 
-def host_allowed(url: str, allowed: frozenset[str]) -> bool:
-    """An http(s) URL, well formed, on a listed host. Whitespace or control characters make no valid URL (they
-    would reach the HTTP client as a malformed request rather than be refused here)."""
+def http_url(url: str) -> SplitResult | None:
+    """``url`` split, when it is a well-formed http(s) URL with a host; else None. The one check for every URL
+    the service fetches or posts to (images, job callbacks): whitespace or control characters make no valid URL
+    (they would reach the HTTP client as a malformed request rather than be refused here), and neither does an
+    unclosed IPv6 literal or a port that is not a number."""
     if any(ord(character) <= 0x20 or ord(character) == 0x7F for character in url):
-        return False
+        return None
     try:
         parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-    except ValueError:  # e.g. an unclosed IPv6 literal
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            return None
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number, or out of range
+    except ValueError:
+        return None
+    return parts
+
+
+def host_allowed(url: str, allowed: frozenset[str]) -> bool:
+    """A well-formed http(s) URL on a listed host ('host', 'host:port' or '*.domain'; an IPv6 literal is listed
+    in brackets, as in a URL: '[::1]:8080')."""
+    parts = http_url(url)
+    if parts is None:
         return False
-    if not host or parts.scheme not in ("http", "https"):
-        return False
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:  # a port that is not a number
-        return False
+    host = parts.hostname.lower()
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    if ":" in host:  # IPv6: urlsplit drops the brackets the list writes
+        host = f"[{host}]"
     return (host in allowed or f"{host}:{port}" in allowed
             or any(entry.startswith("*.") and host.endswith(entry[1:]) for entry in allowed))
 
@@ -46,9 +57,9 @@ async def load_image_url(url: str, *, allowed_hosts: frozenset[str], max_bytes: 
     """The file an image_url points to. Raises ServiceError (400 or 413) with what to do instead."""
     if url[:5].lower() == "data:":
         return await asyncio.to_thread(decode_data_url, url, max_bytes)  # a 27 MB string takes ~0.1 s
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        raise InvalidRequestError("image_url.url must be a data: URL (base64) or an http(s) URL", param=PARAM)
+    if http_url(url) is None:
+        raise InvalidRequestError("image_url.url must be a data: URL (base64) or a well-formed http(s) URL",
+                                  param=PARAM)
     if not allowed_hosts:
         raise ImageURLNotAllowedError("this service does not fetch remote images: send the image as a base64 "
                                       "data: URL (or ask its operator to list the host in ALLOWED_IMAGE_HOSTS)",
@@ -79,9 +90,11 @@ async def fetch(url: str, allowed_hosts: frozenset[str], max_bytes: int, timeout
             async with httpx.AsyncClient(follow_redirects=False, timeout=timeout_s) as client:
                 for _ in range(MAX_REDIRECTS + 1):
                     if not host_allowed(url, allowed_hosts):
+                        parts = http_url(url)
+                        where = f"on {parts.hostname}" if parts is not None else "like this one (malformed)"
                         raise ImageURLNotAllowedError(
-                            f"image URLs on {urlsplit(url).hostname or url!r} are not allowed (ALLOWED_IMAGE_HOSTS); "
-                            "send the image as a base64 data: URL", param=PARAM)
+                            f"image URLs {where} are not allowed (ALLOWED_IMAGE_HOSTS); send the image as a base64 "
+                            "data: URL", param=PARAM)
                     async with client.stream("GET", url) as response:
                         if response.is_redirect and "location" in response.headers:
                             url = urljoin(url, response.headers["location"])
@@ -91,7 +104,7 @@ async def fetch(url: str, allowed_hosts: frozenset[str], max_bytes: int, timeout
     except TimeoutError:
         raise ImageFetchError(f"the image URL did not answer in full within IMAGE_FETCH_TIMEOUT_S={timeout_s:g} s",
                               param=PARAM) from None
-    except httpx.HTTPError as error:
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
         raise ImageFetchError(f"the image URL could not be fetched ({type(error).__name__})", param=PARAM) from None
 
 

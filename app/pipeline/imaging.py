@@ -152,11 +152,14 @@ def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pi
             document.close()
 
 
+MIN_SVG_SIDE_PX = 1e-3  # a side below a thousandth of a pixel is no drawing (and 1e-300 squared is 0)
+
+
 def _render_svg(data: bytes, geometry: VisionGeometry, max_decoded_pixels: int) -> Image.Image:
     """Like a PDF page: drawn straight at the resolution the model will see, never past the decode limit,
     whatever size the file declares."""
     document = svg.parse_svg(data, max_decoded_pixels)
-    if not (0 < document.width < math.inf and 0 < document.height < math.inf):
+    if not (MIN_SVG_SIDE_PX <= document.width < math.inf and MIN_SVG_SIDE_PX <= document.height < math.inf):
         raise InvalidImageError(f"the SVG declares a size with no area ({document.width:g}x{document.height:g})")
     _check_aspect(document.width, document.height, "the SVG's declared size")
     budget = min(geometry.max_pixels, max_decoded_pixels)

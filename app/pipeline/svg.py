@@ -26,19 +26,13 @@ from pathlib import Path
 from PIL import Image, ImageFont
 
 from app.errors import InvalidImageError, PayloadTooLargeError, UnsupportedMediaError
-from app.pipeline.xml_upload import local_name, parse_upload
+from app.pipeline.xml_upload import local_name, parse_upload, root_tag
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 XLINK_NAMESPACE = "http://www.w3.org/1999/xlink"
 ElementTree.register_namespace("", SVG_NAMESPACE)  # serialised back as plain <svg>, as resvg expects
 ElementTree.register_namespace("xlink", XLINK_NAMESPACE)
 
-# Root element after any XML declaration, comments and DOCTYPE: how the file is recognised.
-_ROOT = re.compile(rb"\A(?:\s|<\?.*?\?>|<!--.*?-->|<!DOCTYPE[^>\[]*(?:\[.*?\])?\s*>)*<(?:[A-Za-z_][\w.-]*:)?svg[\s/>]",
-                   re.DOTALL | re.IGNORECASE)
-# Entities are how XML expands a few bytes into gigabytes or pulls in other files; diagram exporters do not
-# need them (a plain DOCTYPE line, as draw.io writes, is fine: the parser never fetches the DTD).
-_DECLARATION = re.compile(rb"<!ENTITY|<!DOCTYPE[^>\[]*\[", re.IGNORECASE)
 _RASTERS = {"PNG", "JPEG", "GIF", "WEBP"}  # what resvg draws from an embedded picture
 _UNITS_PX = {"": 1.0, "px": 1.0, "pt": 96 / 72, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54, "in": 96.0,
              "em": 16.0, "ex": 8.0}
@@ -60,8 +54,8 @@ class SvgDocument:
 
 
 def looks_like_svg(data: bytes) -> bool:
-    """XML whose root element is ``svg``, judged from the start of the file."""
-    return _ROOT.match(data[:4096].lstrip(b"\xef\xbb\xbf")) is not None
+    """XML whose root element is ``svg``, judged from the decoded start of the file (any encoding)."""
+    return root_tag(data, "svg") is not None
 
 
 def _length_px(value: str | None) -> float | None:
@@ -142,7 +136,7 @@ def _skip_foreign_object_notices(root: ElementTree.Element) -> None:
 
 def parse_svg(data: bytes, max_pixels: int) -> SvgDocument:
     """Parse and clean an SVG upload. Raises InvalidImageError (400) for entities or broken XML."""
-    root = parse_upload(data, "SVG", _DECLARATION, "entities or a DTD subset")
+    root = parse_upload(data, "SVG", allow_doctype=True)
     if local_name(root.tag) != "svg":
         raise InvalidImageError(f"the XML's root element is <{local_name(root.tag)}>, not <svg>")
     _drop_outside_references(root, max_pixels)
@@ -237,6 +231,7 @@ def rasterise(document: SvgDocument, box: tuple[int, int]) -> Image.Image:
 
 
 def fit_box(width: float, height: float, budget_pixels: int, max_scale: float) -> tuple[int, int]:
-    """The render size: the declared size scaled to at most ``budget_pixels`` and ``max_scale``."""
-    scale = min(max_scale, math.sqrt(budget_pixels / (width * height)))
+    """The render size: the declared size scaled to at most ``budget_pixels`` and ``max_scale`` (each side's
+    root taken apart, so no product of two extreme sizes overflows or underflows)."""
+    scale = min(max_scale, math.sqrt(budget_pixels) / math.sqrt(width) / math.sqrt(height))
     return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))

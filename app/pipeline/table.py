@@ -142,9 +142,19 @@ def to_markdown(columns: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(columns), "|" + "---|" * len(columns)] + [line(row) for row in rows]) + "\n"
 
 
+# OWASP's CSV injection advice: a cell a spreadsheet would read as a formula (or a DDE call) starts with a quote,
+# which makes it text. Diagram labels such as "-> approve" or "=total" keep their text, visibly prefixed.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _neutralised(cell: str) -> str:
+    return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell
+
+
 def to_csv(columns: list[str], rows: list[list[str]]) -> str:
+    """The table as CSV, every cell safe to open in a spreadsheet (see _FORMULA_STARTS)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
+    writer.writerow([_neutralised(cell) for cell in columns])
+    writer.writerows([_neutralised(cell) for cell in row] for row in rows)
     return buffer.getvalue()

@@ -423,13 +423,14 @@ class InferenceService:
         return HealthResponse(
             status=self._status(),
             model_loaded=engine is not None,
+            processor_loaded=engine is not None and getattr(engine.loaded, "processor", None) is not None,
             model=self.settings.base_model_id,
             adapter=self._adapter(),
             adapter_modules_merged=engine.loaded.adapter.merged_modules if engine and engine.loaded.adapter
             else None,
             device=placement.device if placement else None,
             device_fallback=placement.device_fallback if placement else None,
-            dtype=placement.dtype_name if placement else None,
+            dtype=engine.loaded.placement.dtype_name if engine is not None else None,  # not a provisional value
             model_load_time=round(runner.load_time_s, 3) if runner.load_time_s is not None else None,
             reason=runner.failure_reason,
             phase=runner.phase,
@@ -460,6 +461,7 @@ class InferenceService:
             gpu_memory_allocated_gb=allocated / 2 ** 30 if cuda else None,  # null without CUDA, where Prometheus says 0
             gpu_memory_reserved_gb=reserved / 2 ** 30 if cuda else None,
             failed_count=int(metrics.total(metrics.failed)),
+            client_error_count=int(metrics.total(metrics.client_errors)),
             rejected_count=int(metrics.total(metrics.rejected)),
             prompt_tokens_total=int(metrics.total(metrics.prompt_tokens)),
             completion_tokens_total=int(metrics.total(metrics.generated_tokens)),
@@ -472,5 +474,5 @@ class InferenceService:
         return ServiceInfo(
             service=SERVICE_NAME, version=__version__, status=self._status(), model=self.settings.base_model_id,
             adapter=self._adapter(), device=placement.device if placement else None,
-            dtype=placement.dtype_name if placement else None,
+            dtype=self.runner.engine.loaded.placement.dtype_name if self.runner.engine is not None else None,
         )

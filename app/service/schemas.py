@@ -94,13 +94,15 @@ class KVCacheInfo(BaseModel):
 class HealthResponse(BaseModel):
     status: str = Field(description="healthy | loading | failed | draining", examples=["healthy"])
     model_loaded: bool
+    processor_loaded: bool = Field(description="the processor (tokenizer and image processor) is loaded")
     model: str
     adapter: str | None
     adapter_modules_merged: int | None
     device: str | None
     device_fallback: str | None = Field(None, description="why the DEVICE asked for is not the one in use "
                                         "(e.g. the GPU driver is too old for this build)")
-    dtype: str | None
+    dtype: str | None = Field(description="the precision the model runs in; null until it is loaded (quantization "
+                              "or the CPU's own choice may change what was asked for)")
     model_load_time: float | None = Field(description="seconds from start of load to ready")
     reason: str | None = Field(None, description="why the load failed (status=failed)")
     phase: str | None = Field(None, description="what the load is doing now (status=loading)",
@@ -127,7 +129,10 @@ class MetricsResponse(BaseModel):
     model_load_time: float | None
     gpu_memory_allocated_gb: float | None
     gpu_memory_reserved_gb: float | None
-    failed_count: int
+    failed_count: int = Field(description="admitted requests the service failed (5xx: deadline, shutdown, internal "
+                              "or device error)")
+    client_error_count: int = Field(0, description="admitted requests refused for what they sent (4xx: a bad "
+                                    "file, a prompt too long, no table)")
     rejected_count: int
     prompt_tokens_total: int
     completion_tokens_total: int
