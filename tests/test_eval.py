@@ -81,6 +81,17 @@ def test_scores_count_fuzzy_one_to_one_matches():
     assert scores["roles"].recall == 1.0 and round(scores["roles"].precision, 3) == 0.667
 
 
+def test_the_order_of_the_rows_is_scored_beside_f1():
+    expected = [ExpectedRow(name, "R") for name in ("Принять", "Проверить", "Согласовать", "Отправить")]
+    same = score_rows(list(expected), expected, threshold=0.8)["order"]
+    assert (same.in_order, same.matched, same.as_dict()["ratio"]) == (4, 4, 1.0)
+    swapped = [expected[0], expected[2], expected[1], expected[3]]  # F1 is perfect, the order is not
+    scores = score_rows(swapped, expected, threshold=0.8)
+    assert scores["actions"].f1 == 1.0 and (scores["order"].in_order, scores["order"].matched) == (3, 4)
+    reversed_ = score_rows(expected[::-1], expected, threshold=0.8)["order"]
+    assert reversed_.in_order == 1
+
+
 def test_evaluate_a_folder_against_the_service(client, tmp_path):
     (tmp_path / "a.png").write_bytes(diagram_png())
     (tmp_path / "a.bpmn").write_text(LANES)
@@ -98,6 +109,7 @@ def test_evaluate_a_folder_against_the_service(client, tmp_path):
     # a: 2 of 3 expected found (3 predicted); b, d: 1 of 1 (3 predicted); c: 1 of 1 (ё = е; 3 predicted)
     assert (actions["matched"], actions["predicted"], actions["expected"]) == (5, 12, 6)
     assert report["failed_requests"] == 0
+    assert set(report["overall"]["order"]) == {"in_order", "matched", "ratio"} and "order:" in format_report(report)
     text = format_report(report)
     assert "overall" in text and "a.png" in text
     json.dumps(report)  # --json output is serializable

@@ -11,6 +11,7 @@ or {"rows": [...]}) or ``name.csv`` (a header with action and role columns, Russ
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import csv
 import difflib
@@ -43,19 +44,51 @@ def similarity(a: str, b: str) -> float:
 
 def match_count(predicted: list[Any], expected: list[Any], score, threshold: float) -> int:
     """One-to-one matches, best pairs first, each at least ``threshold`` similar."""
+    return len(matches(predicted, expected, score, threshold))
+
+
+def matches(predicted: list[Any], expected: list[Any], score, threshold: float) -> list[tuple[int, int]]:
+    """The one-to-one matches as (predicted index, expected index), best pairs first."""
     candidates = sorted(
         ((score(p, e), i, j) for i, p in enumerate(predicted) for j, e in enumerate(expected)),
         reverse=True,
     )
     used_p: set[int] = set()
     used_e: set[int] = set()
+    pairs = []
     for value, i, j in candidates:
         if value < threshold:
             break
         if i not in used_p and j not in used_e:
             used_p.add(i)
             used_e.add(j)
-    return len(used_p)
+            pairs.append((i, j))
+    return pairs
+
+
+def in_order(pairs: list[tuple[int, int]]) -> int:
+    """How many matched rows keep their order: the longest common subsequence of the two orders of the matched
+    rows, which with one-to-one matches is the longest increasing run of expected positions in predicted order."""
+    tails: list[int] = []
+    for _, j in sorted(pairs):
+        at = bisect.bisect_left(tails, j)
+        tails[at:at + 1] = [j]
+    return len(tails)
+
+
+@dataclass
+class Order:
+    """The table's order: of the matched actions, how many stand in the expected order (1.0: all of them)."""
+
+    in_order: int = 0
+    matched: int = 0
+
+    def add(self, other: "Order") -> None:
+        self.in_order += other.in_order
+        self.matched += other.matched
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {**asdict(self), "ratio": round(self.in_order / self.matched, 4) if self.matched else 1.0}
 
 
 @dataclass
@@ -87,7 +120,8 @@ class Score:
                 "f1": round(self.f1, 4)}
 
 
-def score_rows(predicted: list[ExpectedRow], expected: list[ExpectedRow], threshold: float) -> dict[str, Score]:
+def score_rows(predicted: list[ExpectedRow], expected: list[ExpectedRow], threshold: float
+               ) -> dict[str, Score | Order]:
     actions_p, actions_e = [r.action for r in predicted], [r.action for r in expected]
     roles_p = sorted({normalize(r.role) for r in predicted if r.role.strip()})
     roles_e = sorted({normalize(r.role) for r in expected if r.role.strip()})
@@ -95,10 +129,12 @@ def score_rows(predicted: list[ExpectedRow], expected: list[ExpectedRow], thresh
     def pair_score(p: ExpectedRow, e: ExpectedRow) -> float:
         return min(similarity(p.action, e.action), similarity(p.role, e.role))
 
+    action_pairs = matches(actions_p, actions_e, similarity, threshold)
     return {
-        "actions": Score(match_count(actions_p, actions_e, similarity, threshold), len(actions_p), len(actions_e)),
+        "actions": Score(len(action_pairs), len(actions_p), len(actions_e)),
         "roles": Score(match_count(roles_p, roles_e, similarity, threshold), len(roles_p), len(roles_e)),
         "pairs": Score(match_count(predicted, expected, pair_score, threshold), len(predicted), len(expected)),
+        "order": Order(in_order(action_pairs), len(action_pairs)),
     }
 
 
@@ -151,7 +187,8 @@ def evaluate(url: str, data_dir: Path, threshold: float = 0.8, timeout_s: float 
     if not cases:
         raise SystemExit(f"no image in {data_dir} has a .bpmn, .json or .csv of expected rows beside it")
     headers = {"X-API-Key": api_key} if api_key else {}
-    totals = {name: Score() for name in ("actions", "roles", "pairs")}
+    totals: dict[str, Score | Order] = {name: Score() for name in ("actions", "roles", "pairs")}
+    totals["order"] = Order()
     results: list[FileResult] = []
     with contextlib.nullcontext(client) if client is not None else httpx.Client(timeout=timeout_s) as client:
         for image, expected in tqdm(cases, desc="diagrams", unit="img", disable=not progress, file=sys.stderr):
@@ -190,17 +227,24 @@ def evaluate(url: str, data_dir: Path, threshold: float = 0.8, timeout_s: float 
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{'file':<32}{'status':>7}{'latency s':>11}{'action F1':>11}{'role F1':>9}{'pair F1':>9}"]
+    lines = [f"{'file':<32}{'status':>7}{'latency s':>11}{'action F1':>11}{'role F1':>9}{'pair F1':>9}{'order':>7}"]
     for item in report["files"]:
         s = item["scores"]
         lines.append(f"{item['file'][:31]:<32}{item['status']:>7}{item['latency_s']:>11.2f}"
-                     f"{s['actions']['f1']:>11.3f}{s['roles']['f1']:>9.3f}{s['pairs']['f1']:>9.3f}")
+                     f"{s['actions']['f1']:>11.3f}{s['roles']['f1']:>9.3f}{s['pairs']['f1']:>9.3f}"
+                     f"{s['order']['ratio']:>7.3f}")
     lines.append("")
     lines.append(f"{'overall':<10}{'precision':>11}{'recall':>9}{'F1':>8}{'matched':>9}{'predicted':>11}"
                  f"{'expected':>10}")
-    for name, score in report["overall"].items():
+    overall = report["overall"]
+    for name, score in overall.items():
+        if name == "order":
+            continue
         lines.append(f"{name:<10}{score['precision']:>11.3f}{score['recall']:>9.3f}{score['f1']:>8.3f}"
                      f"{score['matched']:>9}{score['predicted']:>11}{score['expected']:>10}")
+    order = overall["order"]
+    lines.append(f"order: {order['in_order']} of {order['matched']} matched actions in the expected order "
+                 f"({order['ratio']:.3f}; the longest common subsequence of the two orders)")
     latency = report["latency_s"]
     lines.append(f"\nlatency: mean {latency['mean']:.2f} s, p50 {latency['p50']:.2f} s, max {latency['max']:.2f} s; "
                  f"failed requests: {report['failed_requests']}")
