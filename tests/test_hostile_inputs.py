@@ -218,3 +218,33 @@ def test_a_huge_request_head_is_a_431_with_flat_memory_and_dripping_bodies_canno
                 sock.close()
         assert still_open == 0
         assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+
+
+def test_small_contracts_page_numbers_digits_and_metrics_formats(client):
+    data = bpmn().encode("utf-8").replace(b'encoding="UTF-16"', b'encoding="UTF-8"')
+    for form in ({"page": "2"}, {"pages": "2-3"}):
+        refused = post(client, data, "d.bpmn", "application/xml", **form)
+        assert refused.status_code == 400 and "BPMN" in refused.json()["error"]["message"], refused.text
+    assert post(client, data, "d.bpmn", "application/xml", pages="all").status_code == 200
+    assert post(client, diagram_png(), "d.png", "image/png", pages="٣").status_code == 400  # an Arabic-Indic 3
+    text = client.get("/metrics", params={"format": "text"})
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
+    openmetrics = client.get("/metrics", params={"format": "openmetrics"})
+    assert openmetrics.status_code == 200
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+
+
+def test_a_missing_adapter_is_reported_before_the_base_model_is_fetched(tmp_path):
+    from app.errors import ModelLoadError
+    from app.model.device import Placement
+    from app.model.loader import load_model
+    from app.settings import Settings
+
+    import torch
+
+    settings = Settings(base_model_id="Qwen/Qwen3-VL-2B-Instruct", adapter_path=tmp_path, device="cpu",
+                        torch_dtype="float32")
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="no adapter at"):
+        load_model(settings, Placement("cpu", torch.float32))
+    assert time.monotonic() - started < 2  # no Hub lookups first

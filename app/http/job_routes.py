@@ -22,6 +22,7 @@ from app.pipeline.bpmn import looks_like_bpmn
 from app.pipeline.imaging import ACCEPTED_TEXT, sniff_format
 from app.pipeline.pages import first_page
 from app.service.chat_schemas import PROMPT_MAX_CHARS
+from app.service.inference import check_bpmn_pages
 from app.jobs.records import Job
 from app.jobs.runtime import JobSystem
 from app.jobs.status import job_status
@@ -78,7 +79,9 @@ async def create_job(
     data = await file.read()
     # What can be told without the model is told now, not as a failed job later.
     first_page(params["pages"])
-    if sniff_format(data) is None and not looks_like_bpmn(data):
+    if looks_like_bpmn(data):
+        check_bpmn_pages(1, params["pages"])
+    elif sniff_format(data) is None:
         raise UnsupportedMediaError(f"not a supported file: accepted formats are {ACCEPTED_TEXT}, and BPMN XML")
     status = _status(request, await jobs.service.submit(params, data, callback_url.strip() or None))
     response.headers["Location"] = status.status_url

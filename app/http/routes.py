@@ -147,10 +147,16 @@ router.add_api_route("/health", read_health, methods=["HEAD"], include_in_schema
 async def read_metrics(
     request: Request,
     service: ServiceDep,
-    format: Annotated[Literal["json", "prometheus"] | None, Query(description="force a format")] = None,
+    format: Annotated[Literal["json", "prometheus", "text", "openmetrics"] | None,
+                      Query(description="force a format: json, prometheus or text (text 0.0.4), openmetrics")] = None,
 ) -> Any:
-    if format != "json" and wants_prometheus(request.headers.get("accept", ""), format):
-        body, content_type = service.prometheus.render(request.headers.get("accept", ""))
+    accept = request.headers.get("accept", "")
+    if format != "json" and wants_prometheus(accept, format):
+        if format == "openmetrics":
+            accept = "application/openmetrics-text; version=1.0.0"
+        elif format in ("prometheus", "text"):
+            accept = "text/plain; version=0.0.4"
+        body, content_type = service.prometheus.render(accept)
         return Response(body, media_type=content_type)
     return service.json_metrics()
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,11 @@ def apply_adapter(model: Any, adapter_dir: Path, required: bool = True) -> tuple
     try:
         # Same steps as PeftModel.from_pretrained, but keeping the load result it throws away: an adapter
         # saved with another key layout otherwise loads silently as a no-op.
-        peft_model = PeftModel(model, config)
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a
+            # FutureWarning at every start that nobody running the service can act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = PeftModel(model, config)
     except ValueError as error:
         reason = str(error).splitlines()[0]
         raise ModelLoadError(f"adapter at {adapter_dir} matches no module of the base model: {reason}") from None

@@ -6,7 +6,7 @@ import re
 
 from app.errors import InvalidRequestError, PayloadTooLargeError
 
-_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_PART = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")  # ASCII digits: \d would take "٣" too
 
 
 def first_page(spec: str) -> int:

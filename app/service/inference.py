@@ -81,6 +81,14 @@ class PreparedRequest:
         return max(self.deadline - time.perf_counter(), 0.001)
 
 
+def check_bpmn_pages(page: int, pages: str) -> None:
+    """A BPMN file is one table: page numbers past 1 name something it does not have (400, as for a PNG)."""
+    if page != 1 or pages.strip().lower() not in ("1", "all"):
+        asked = f"page={page}" if page != 1 else f"pages={pages}"
+        raise InvalidRequestError(f"{asked} applies to PDF and TIFF uploads only; this file is BPMN XML",
+                                  param="pages")
+
+
 def blank_diagram() -> Image.Image:
     return Image.new("RGB", (256, 192), "white")
 
@@ -266,8 +274,7 @@ class InferenceService:
     async def read_bpmn(self, data: bytes, params: InferParams, ticket: Ticket) -> InferResponse:
         """A BPMN file already holds its table: its tasks in flow order with their lanes, read from the XML
         itself. No model runs, so the answer is exact, and immediate."""
-        if params.page != 1:
-            raise InvalidRequestError(f"page={params.page} applies to PDF uploads only; this file is BPMN XML")
+        check_bpmn_pages(params.page, params.pages)
         rows = await asyncio.to_thread(parse_bpmn, data)  # a 20 MB XML is ~0.1 s: not on the event loop
         columns = ["№", "Наименование действия", "Роль"]
         table_rows = [[str(number), row.action, row.role] for number, row in enumerate(rows, start=1)]

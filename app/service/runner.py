@@ -256,7 +256,8 @@ class Runner:
                 try:
                     tokens = await delivery.take(deadline - loop.time())
                 except asyncio.TimeoutError:
-                    raise DeadlineExceededError("the request passed its deadline (REQUEST_TIMEOUT_S) while "
+                    setting = "JOB_TIMEOUT_S" if ticket.background else "REQUEST_TIMEOUT_S"
+                    raise DeadlineExceededError(f"the request passed its deadline ({setting}) while "
                                                 f"generating, {timeout_s:.1f} s after it was queued") from None
                 if tokens:
                     yield tokens
