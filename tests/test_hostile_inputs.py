@@ -67,7 +67,7 @@ def test_a_utf16_bpmn_is_read_and_its_doctype_refused(client):
 
 
 def test_xml_with_the_bpmn_namespace_only_in_a_comment_is_not_bpmn(client):
-    fake = f'<!-- http://www.omg.org/spec/BPMN/20100524/MODEL --><definitions id="x"><task name="t"/></definitions>'
+    fake = '<!-- http://www.omg.org/spec/BPMN/20100524/MODEL --><definitions id="x"><task name="t"/></definitions>'
     assert post(client, fake.encode(), "d.bpmn", "application/xml").status_code == 415
 
 

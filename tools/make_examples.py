@@ -77,7 +77,6 @@ def svg() -> str:
 
 def pictures(svg_text: str) -> tuple[bytes, bytes]:
     """The PNG and a 2-page PDF (the diagram twice), drawn from the SVG by the service's own renderer."""
-    from PIL import Image
 
     from app.pipeline import svg as svg_module
 
