@@ -271,3 +271,33 @@ def test_an_answer_over_max_result_mb_fails_its_job_with_413(jobs_db):
         assert failed["status"] == "failed" and "MAX_RESULT_MB" in failed["error"]["message"]
         result = client.get(job["result_url"])
         assert result.status_code == 413 and result.json()["error"]["type"] == "payload_too_large"
+
+
+def test_a_shutdown_mid_job_gives_the_whole_job_back(jobs_db):
+    with replica(jobs_db, FakeEngine(generate_s=0.6, max_rows=1), shutdown_grace_s=0.5) as first:
+        wait_for_status(first, "healthy")
+        job = submit(first, document(5), pages="all")
+        deadline = time.monotonic() + 30
+        while ((first.get(f"/jobs/{job['id']}").json()["progress"] or {}).get("pages_done") or 0) < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # The grace period ended with pages unfinished: they were cut off by the shutdown, not failed by the file.
+    with replica(jobs_db, FakeEngine()) as second:
+        wait_for_status(second, "healthy")
+        done = wait_until(second, job["id"], {"done", "failed"}, timeout_s=60)
+        result = second.get(job["result_url"]).json()
+        assert done["status"] == "done" and [page["error"] for page in result["pages"]] == [None] * 5, result
+
+
+def test_ids_no_job_can_have_are_404_and_a_pending_callback_is_not_forgotten(jobs_db):
+    with receiver(fail_first=1000) as url, replica(jobs_db, FakeEngine(generate_s=5.0),
+                                                   job_callback_hosts="127.0.0.1") as client:
+        wait_for_status(client, "healthy")
+        for odd in ("%00x", "a%00b", "x" * 65, "%E2%98%83"):
+            assert client.get(f"/jobs/{odd}").status_code == 404
+            assert client.delete(f"/jobs/{odd}").status_code == 404
+        job = submit(client, callback_url=url)
+        assert client.delete(f"/jobs/{job['id']}").status_code == 200  # cancelled: its callback is due
+        again = client.delete(f"/jobs/{job['id']}")
+        assert again.status_code == 409 and again.headers["Retry-After"], again.text
+        assert client.get(f"/jobs/{job['id']}").json()["callback"]["status"] in ("pending", "failed")

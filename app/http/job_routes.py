@@ -3,6 +3,7 @@ For work longer than a client, proxy or REQUEST_TIMEOUT_S waits."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
@@ -44,8 +45,19 @@ def _status(request: Request, job: Job) -> JobStatus:
     return job_status(job, prefix=request.scope.get("root_path", ""))
 
 
+# What an id this service hands out can look like (secrets.token_urlsafe): anything else is no job of ours, and
+# never reaches the store (PostgreSQL refuses a NUL in text with an error that would read as the store failing).
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _checked(job_id: str) -> str:
+    if not _JOB_ID.fullmatch(job_id):
+        raise JobNotFoundError()
+    return job_id
+
+
 async def _job(jobs: JobSystem, job_id: str, wait_s: float = 0.0) -> Job:
-    job = await jobs.service.get(job_id, wait_s)
+    job = await jobs.service.get(_checked(job_id), wait_s)
     if job is None:
         raise JobNotFoundError()
     return job
@@ -89,7 +101,7 @@ async def create_job(
 
 
 @router.get("/{job_id}", response_model=JobStatus, operation_id="read_job", summary="A job's status",
-            responses=_errors(401, 404, 500, 503))
+            responses=_errors(400, 401, 404, 500, 503))
 async def read_job(request: Request, job_id: str, jobs: JobsDep,
                    wait: Annotated[float, Query(ge=0, le=60, description="long-poll: answer as soon as the job has "
                                                 "ended, or after this many seconds, whichever comes first")] = 0
@@ -123,12 +135,16 @@ async def read_job_result(job_id: str, jobs: JobsDep) -> Any:
 
 @router.delete("/{job_id}", response_model=JobStatus, operation_id="delete_job",
                summary="Cancel a queued or running job (200), or forget a finished one (204)",
-               responses={**_errors(401, 404, 500, 503), 204: {"description": "forgotten"}})
+               responses={**_errors(401, 404, 409, 500, 503), 204: {"description": "forgotten"}})
 async def delete_job(request: Request, job_id: str, jobs: JobsDep) -> Any:
     # Each step is one statement: of concurrent DELETEs exactly one cancels (200), whatever replica they reach.
-    cancelled = await jobs.service.cancel(job_id)
+    cancelled = await jobs.service.cancel(_checked(job_id))
     if cancelled is not None:
         return _status(request, cancelled)
-    if await jobs.service.forget(job_id):
+    forgotten = await jobs.service.forget(job_id)
+    if forgotten == "forgotten":
         return Response(status_code=204)
+    if forgotten == "callback pending":  # forgetting it now would lose the callback its client is waiting for
+        raise JobNotDoneError("the job has ended, and its callback is still being delivered; forget it once "
+                              "its callback status is delivered or failed", headers={"Retry-After": "10"})
     raise JobNotFoundError()

@@ -74,9 +74,14 @@ class CallbackSender:
             if self.secret:
                 headers["X-VLM-Signature"] = sign(self.secret, timestamp, body)
             try:
-                response = await self._client.post(url, content=body, headers=headers)
-                delivered = 200 <= response.status_code < 300
-                why = f"it answered {response.status_code}"
+                # One bound for the whole exchange (httpx's timeout is per phase: a receiver that drips could hold
+                # it past HOLD_S, and the callback would be sent twice at once); the answer's body is never read.
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    async with self._client.stream("POST", url, content=body, headers=headers) as response:
+                        delivered = 200 <= response.status_code < 300
+                        why = f"it answered {response.status_code}"
+            except TimeoutError:
+                why = f"no answer within {SEND_TIMEOUT_S:g} s"
             except (httpx.HTTPError, httpx.InvalidURL) as error:
                 why = f"{type(error).__name__}: {error}"
         retry_in = backoff_s(job.callback_attempts + 1) if attempts_left and not delivered else None

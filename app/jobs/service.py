@@ -104,9 +104,10 @@ class JobService:
             await self.worker.refresh_quietly()
         return job
 
-    async def forget(self, job_id: str) -> bool:
+    async def forget(self, job_id: str) -> str:
+        """"forgotten", "callback pending" or "none" (see JobStore.forget)."""
         forgotten = await self._call(self.store.forget, job_id)
-        if forgotten:
+        if forgotten == "forgotten":
             await self.worker.refresh_quietly()
         return forgotten
 

@@ -142,9 +142,20 @@ class JobStore:
                                       f"WHERE id = ? AND {_UNFINISHED} RETURNING {_JOB_COLUMNS}", job_id)).rows
         return _job(rows[0]) if rows else None
 
-    async def forget(self, job_id: str) -> bool:
-        """Delete a job that has ended; False when there is none (never existed, expired, or not ended)."""
-        return (await self._one(True, f"DELETE FROM jobs WHERE id = ? AND NOT {_UNFINISHED}", job_id)).rowcount > 0
+    async def forget(self, job_id: str) -> str:
+        """Delete a job that has ended: "forgotten"; "callback pending" when its callback is still to be delivered
+        (the row is its outbox); "none" when there is no such ended job."""
+        async def work(transaction: Transaction) -> str:
+            deleted = await transaction.execute(
+                f"DELETE FROM jobs WHERE id = ? AND NOT {_UNFINISHED} AND "
+                "(callback_status IS NULL OR callback_status <> 'pending') RETURNING id", (job_id,))
+            if deleted.rows:
+                return "forgotten"
+            pending = await transaction.execute("SELECT 1 FROM jobs WHERE id = ? AND callback_status = 'pending' "
+                                                f"AND NOT {_UNFINISHED}", (job_id,))
+            return "callback pending" if pending.rows else "none"
+
+        return await self._run(True, work)
 
     async def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(STATUSES, 0)
@@ -165,8 +176,9 @@ class JobStore:
             rows = (await transaction.execute(
                 "UPDATE jobs SET status = 'running', owner = ?, started_at = epoch_now(), "
                 "lease_until = epoch_now() + ?, attempts = attempts + 1, pages_done = NULL, pages_total = NULL "
-                f"WHERE id = (SELECT id FROM jobs WHERE {_CLAIMABLE} ORDER BY created_at LIMIT 1{lock}) "
-                "RETURNING id, params, file, attempts", (owner, lease_s))).rows
+                f"WHERE id = (SELECT id FROM jobs WHERE {_CLAIMABLE} AND (status = 'queued' OR attempts < ?) "
+                f"ORDER BY created_at LIMIT 1{lock}) RETURNING id, params, file, attempts",
+                (owner, lease_s, max_attempts))).rows
             if not rows:
                 return None
             job_id, params, data, attempt = rows[0]
@@ -209,6 +221,14 @@ class JobStore:
                                         "attempts = attempts - 1 WHERE id = ? AND owner = ? AND attempts = ? AND "
                                         "status = 'running'", claim.id, owner, claim.attempt)
         return changed.rowcount > 0
+
+    async def give_back_all(self, owner: str) -> int:
+        """At a graceful stop: every job still marked running under ``owner`` is queued again, not an attempt
+        (one whose claim committed while the stop cut the worker short has no task behind it)."""
+        return (await self._one(True, "UPDATE jobs SET status = 'queued', owner = NULL, started_at = NULL, "
+                                      "lease_until = NULL, pages_done = NULL, pages_total = NULL, "
+                                      "attempts = attempts - 1 WHERE owner = ? AND status = 'running'",
+                                owner)).rowcount
 
     async def expire(self, ttl_s: float) -> int:
         return (await self._one(True, "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < "

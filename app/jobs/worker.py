@@ -49,6 +49,7 @@ class _Running:
     claim: Claim
     task: asyncio.Task
     lost: bool = False  # the store says another owner, a cancel or a forget has the job now
+    written: bool = False  # its end is in the store: a heartbeat that no longer finds it running is no news
 
 
 class JobWorker:
@@ -96,17 +97,27 @@ class JobWorker:
         """Stop taking work; jobs still running here are given back to the queue for any replica."""
         self._stopping = True
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            # Let the tick in progress end by itself: cancelled inside a claim, the claim could commit with no
+            # task to run its job. Only a tick stuck past the store's own bound is cancelled.
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loop_task), self.store.timeout_s * 2 + 1)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._loop_task
         for running in list(self._running.values()):
             running.task.cancel()
         await asyncio.gather(*(running.task for running in self._running.values()), return_exceptions=True)
+        with contextlib.suppress(StoreUnavailableError):  # else their leases pass and any replica takes them
+            given_back = await self.store.give_back_all(self.owner)
+            if given_back:
+                logger.info("%d job(s) this replica was running went back to the queue", given_back)
         if self.callbacks is not None:
             await self.callbacks.stop()
 
     async def _work(self) -> None:
-        while True:
+        while not self._stopping:
             if not self.store.available:
                 await self.open_store()
             else:
@@ -152,7 +163,7 @@ class JobWorker:
         if self._running:
             held = await self.store.heartbeat(self.owner, list(self._running), self.lease_s)
             for job_id, running in list(self._running.items()):
-                if job_id not in held and not running.lost:
+                if job_id not in held and not running.lost and not running.written:
                     logger.info("job %s is no longer this replica's (cancelled, forgotten, or claimed again after "
                                 "its lease passed): stopping it", job_id[:8])
                     running.lost = True
@@ -205,31 +216,41 @@ class JobWorker:
             with contextlib.suppress(StoreUnavailableError):  # progress is a courtesy; the end is what counts
                 await self.store.progress(claim.id, self.owner, done, total)
 
+        outcome: dict[str, Any]
         try:
-            response = await self.infer(claim.file, claim.params, ticket, progress)
+            try:
+                response = await self.infer(claim.file, claim.params, ticket, progress)
+            finally:
+                ticket.release()  # the model's part is over: writing the end must not hold an admission place
         except asyncio.CancelledError:
             if self._stopping and not self._lost(claim):  # shutting down: any replica runs it again
                 await self._give_back(claim)
             raise
         except ServiceError as error:
-            if self.runner.state == ModelState.draining:  # cut off by the shutdown, not by its file
+            if self._cut_off():  # by the shutdown, not by its file
                 await self._give_back(claim)
                 return
-            await self._end(claim, "failed", started, error=_error(error))
+            status, outcome = "failed", {"error": _error(error)}
         except Exception:  # noqa: BLE001 - a bug or device error fails the job, not the worker
             logger.exception("job %s failed", claim.id[:8])
-            await self._end(claim, "failed", started, error=_error(ServiceError()))
+            status, outcome = "failed", {"error": _error(ServiceError())}
         else:
+            if self._cut_off() and any(page.error is not None for page in response.pages or []):
+                # Pages the shutdown cut off are not the file's failure: the whole job runs again elsewhere.
+                await self._give_back(claim)
+                return
             result = json.dumps(response.model_dump(mode="json"), ensure_ascii=False)
             if len(result.encode()) > self.max_result_bytes:
-                await self._end(claim, "failed", started, error={
+                status, outcome = "failed", {"error": {
                     "status": 413, "type": "payload_too_large",
                     "message": f"the answer is {len(result.encode()) / 2 ** 20:.1f} MiB, over MAX_RESULT_MB "
-                               f"({self.max_result_bytes / 2 ** 20:g} MiB): ask for fewer pages"})
+                               f"({self.max_result_bytes / 2 ** 20:g} MiB): ask for fewer pages"}}
             else:
-                await self._end(claim, "done", started, result=result)
-        finally:
-            ticket.release()
+                status, outcome = "done", {"result": result}
+        await self._end(claim, status, started, **outcome)
+
+    def _cut_off(self) -> bool:
+        return self._stopping or self.runner.state == ModelState.draining
 
     def _lost(self, claim: Claim) -> bool:
         running = self._running.get(claim.id)
@@ -254,8 +275,9 @@ class JobWorker:
                 written = await self.store.finish(claim, self.owner, status, **outcome)
             except StoreUnavailableError as error:
                 if self._stopping:
-                    logger.warning("job %s: its end could not be written before shutdown (%s); it runs again "
-                                   "once its lease passes", claim.id[:8], error)
+                    logger.warning("job %s: its end could not be written before shutdown (%s); it goes back to "
+                                   "the queue (or, with the store away, runs again once its lease passes)",
+                                   claim.id[:8], error)
                     return
                 gap = RETRY_WRITE_S[min(attempt, len(RETRY_WRITE_S) - 1)]
                 logger.warning("job %s: its end could not be written (%s); trying again in %.0f s", claim.id[:8],
@@ -263,12 +285,19 @@ class JobWorker:
                 await asyncio.sleep(gap)
                 continue
             if written:
+                running = self._running.get(claim.id)
+                if running is not None and running.claim is claim:
+                    running.written = True
                 self.metrics.job_duration.labels(status).observe(time.perf_counter() - started)
                 self.on_end(claim.id)
                 await self.refresh_quietly()
                 self.wake()  # a place is free: claim the next job now
                 return
             break
+        else:
+            logger.error("job %s: its end could not be written for over an hour; it runs again once its lease "
+                         "passes", claim.id[:8])
+            return
         self.metrics.job_results_discarded.inc()
         logger.warning("job %s: this replica no longer holds it (cancelled, forgotten or claimed again); its "
                        "outcome (%s) is discarded", claim.id[:8], status)
