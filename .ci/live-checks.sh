@@ -24,8 +24,8 @@ SERVICE_PID=$!
 PROM_PID=
 KEYED_PID=
 cleanup() {
-  [ -n "$PROM_PID" ] && kill "$PROM_PID" 2>/dev/null
-  [ -n "$KEYED_PID" ] && kill "$KEYED_PID" 2>/dev/null
+  [ -n "$PROM_PID" ] && kill "$PROM_PID" 2>/dev/null || true
+  [ -n "$KEYED_PID" ] && kill "$KEYED_PID" 2>/dev/null || true
   kill "$SERVICE_PID" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$DEMO_DIR"
