@@ -114,3 +114,9 @@ def recorded_error(status_code: int, error_type: str, message: str) -> ServiceEr
     error = ServiceError(message)
     error.status_code, error.error_type = status_code, error_type
     return error
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, for /health reasons and logs that must stay one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

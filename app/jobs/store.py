@@ -13,6 +13,7 @@ import json
 import secrets
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+from app.errors import one_line
 from app.jobs.postgres_db import PostgresDatabase, is_postgres_url
 from app.jobs.records import STATUSES, Claim, Job, StoreFullError, StoreUnavailableError
 from app.jobs.schema import Result
@@ -27,6 +28,9 @@ _ENDED = ("finished_at = epoch_now(), file = NULL, lease_until = NULL, "
           "callback_due = CASE WHEN callback_url IS NULL THEN NULL ELSE epoch_now() END")
 # Claimable: queued, or running under a lease that has passed (its replica died or lost the store).
 _CLAIMABLE = "(status = 'queued' OR (status = 'running' AND (lease_until IS NULL OR lease_until < epoch_now())))"
+# A held job given back (not an attempt): queued again, with no trace of the run that stopped.
+_QUEUED_AGAIN = ("status = 'queued', owner = NULL, started_at = NULL, lease_until = NULL, pages_done = NULL, "
+                 "pages_total = NULL, attempts = attempts - 1")
 _GIVEN_UP = ("its replica was lost {attempts} times while running it (killed, e.g. out of memory, or cut off from "
              "the job store; MAX_JOB_ATTEMPTS={attempts}): it is not run again")
 
@@ -76,7 +80,7 @@ class JobStore:
             async with asyncio.timeout(max(self.timeout_s, 10.0)):  # a first connection may be slower
                 await self.database.open()
         except (TimeoutError, *self.database.errors, OSError) as error:
-            self.error = _one_line(error)
+            self.error = one_line(error)
             raise StoreUnavailableError(self.error) from None
         self._open, self.error = True, None
 
@@ -95,7 +99,7 @@ class JobStore:
             raise StoreUnavailableError(f"no answer within JOB_STORE_TIMEOUT_S={self.timeout_s:g} s "
                                         "(locked, busy or unreachable)") from None
         except self.database.errors as error:
-            raise StoreUnavailableError(_one_line(error)) from None
+            raise StoreUnavailableError(one_line(error)) from None
 
     async def _one(self, write: bool, sql: str, *args: Any) -> Result:
         async def work(transaction: Transaction) -> Result:
@@ -216,18 +220,14 @@ class JobStore:
 
     async def give_back(self, claim: Claim, owner: str) -> bool:
         """Queue a held job again (the model was full, or this replica is shutting down): not an attempt."""
-        changed = await self._one(True, "UPDATE jobs SET status = 'queued', owner = NULL, started_at = NULL, "
-                                        "lease_until = NULL, pages_done = NULL, pages_total = NULL, "
-                                        "attempts = attempts - 1 WHERE id = ? AND owner = ? AND attempts = ? AND "
-                                        "status = 'running'", claim.id, owner, claim.attempt)
+        changed = await self._one(True, f"UPDATE jobs SET {_QUEUED_AGAIN} WHERE id = ? AND owner = ? AND attempts = ? "
+                                        "AND status = 'running'", claim.id, owner, claim.attempt)
         return changed.rowcount > 0
 
     async def give_back_all(self, owner: str) -> int:
         """At a graceful stop: every job still marked running under ``owner`` is queued again, not an attempt
         (one whose claim committed while the stop cut the worker short has no task behind it)."""
-        return (await self._one(True, "UPDATE jobs SET status = 'queued', owner = NULL, started_at = NULL, "
-                                      "lease_until = NULL, pages_done = NULL, pages_total = NULL, "
-                                      "attempts = attempts - 1 WHERE owner = ? AND status = 'running'",
+        return (await self._one(True, f"UPDATE jobs SET {_QUEUED_AGAIN} WHERE owner = ? AND status = 'running'",
                                 owner)).rowcount
 
     async def expire(self, ttl_s: float) -> int:
@@ -260,8 +260,3 @@ class JobStore:
             await self._one(True, "UPDATE jobs SET callback_status = 'pending', callback_attempts = "
                                   "callback_attempts + 1, callback_due = epoch_now() + ? WHERE id = ?",
                             retry_in_s, job_id)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from app.errors import DeadlineExceededError, ModelLoadError, NotReadyError, OverloadedError
+from app.errors import DeadlineExceededError, ModelLoadError, NotReadyError, OverloadedError, one_line
 from app.model.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler
 from app.model.sequence import GenerationResult, PreparedInputs, Sequence
 
@@ -177,7 +177,7 @@ class Runner:
             loading = asyncio.get_running_loop().run_in_executor(self._executor, load_engine)
             engine, *_ = await asyncio.gather(loading, *alongside)
         except Exception as error:  # any load failure is reported by /health, not raised
-            self.failure_reason = _one_line(error)
+            self.failure_reason = one_line(error)
             if self.state == ModelState.loading:
                 self.state = ModelState.failed
             logger.error("model load failed: %s", self.failure_reason, exc_info=not isinstance(error, ModelLoadError))
@@ -316,8 +316,3 @@ class Runner:
     def close(self) -> None:
         self._inbox.put(_STOP)
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
