@@ -22,6 +22,14 @@ def binaries() -> Path | None:
     return Path(folders[-1]) if folders else None
 
 
+def _runuser() -> str:
+    """runuser lives in /usr/sbin, which a plain user's PATH (or `env -i`) lacks: look there too."""
+    found = shutil.which("runuser", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if found is None:
+        raise RuntimeError("runuser is not installed (Debian: util-linux), and the server refuses to run as root")
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -37,7 +45,7 @@ class PostgresServer:
         folder = Path(tempfile.mkdtemp(prefix="vlm-test-pg-"))
         self.bindir, self.folder, self.port = bindir, folder, _free_port()
         self.data = folder / "data"
-        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self._as = [_runuser(), "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
     def _run(self, *command: str) -> None:
         done = subprocess.run([*self._as, *command], capture_output=True, text=True, timeout=120)
