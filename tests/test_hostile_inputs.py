@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import resource
 import time
@@ -195,6 +196,18 @@ def test_a_huge_request_head_is_a_431_with_flat_memory_and_dripping_bodies_canno
             answer = sock.recv(4096)
         assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
         assert rss_kib(server.pid) - before < 50 * 1024
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # not HTTP: the envelope, not plain text
+            sock.settimeout(10)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\x01: y\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, answer[:300]
+        assert json.loads(body)["error"]["type"] == "invalid_request"
+        metrics = httpx.get(f"{base}/metrics", params={"format": "text"}, timeout=5).text
+        for status in ("400", "431"):  # counted like any request, though no route saw them
+            assert f'vlm_requests_total{{endpoint="other",status="{status}"}} 1.0' in metrics, status
         drippers = []
         for _ in range(40):  # far past MAX_CONNECTIONS, each a GET whose chunked body never ends
             sock = socket.create_connection(("127.0.0.1", port))

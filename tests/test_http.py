@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -159,6 +160,38 @@ def test_openapi_documents_routes_and_errors():
         docs = client.get("/docs")
         assert docs.status_code == 200 and "cdn." not in docs.text  # works without internet
         assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_openapi_examples_match_each_status_and_no_undelivered_422_is_documented():
+    with make_client() as client:
+        spec = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # a bad parameter is our 400 envelope
+    seen = set()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for code, response in operation["responses"].items():
+                assert not (code == "422" and "Validation" in json.dumps(response)), (path, method)
+                content = response.get("content", {}).get("application/json", {})
+                example = content.get("example")
+                if content.get("schema", {}).get("$ref", "").endswith("ErrorResponse"):
+                    assert example is not None, (path, method, code)
+                    error = example["error"]
+                    kind = error["code"] if path.startswith("/v1/") else error["type"]
+                    seen.add((path.split("/")[1], code, kind))
+    assert ("infer", "504", "timeout") in seen and ("infer", "401", "unauthorized") in seen
+    assert ("jobs", "404", "job_not_found") in seen and ("v1", "404", "model_not_found") in seen
+    assert ("infer", "413", "payload_too_large") in seen and ("infer", "503", "not_ready") in seen
+    infer_ok = spec["components"]["schemas"]["TableData"]["properties"]["truncated"]
+    assert infer_ok["examples"] == [False]
+
+
+def test_a_file_sent_as_a_text_field_is_told_how_to_send_it():
+    with make_client() as client:
+        wait_for_status(client, "healthy")
+        for route in ("/infer", "/jobs"):
+            answer = client.post(route, data={"file": "diagram.png"})
+            message = answer.json()["error"]["message"]
+            assert answer.status_code == 400 and "file part" in message and "class" not in message, answer.text
 
 
 @pytest.mark.parametrize("header", ["Authorization", "X-API-Key"])

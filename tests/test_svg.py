@@ -69,25 +69,41 @@ def test_other_xml_is_not_svg():
     assert sniff_format(b"just text mentioning <svg>") is None
 
 
-def test_an_svg_is_drawn_with_its_text_at_the_model_resolution():
+@pytest.fixture
+def drawn_boxes(monkeypatch):
+    """The pixel size each SVG is rasterised at (metadata shows the declared size, not this)."""
+    boxes = []
+    rasterise = svg.rasterise
+
+    def spy(document, box):
+        boxes.append(box)
+        return rasterise(document, box)
+
+    monkeypatch.setattr(svg, "rasterise", spy)
+    return boxes
+
+
+def test_an_svg_is_drawn_with_its_text_at_the_model_resolution(drawn_boxes):
     prepared = prepare_image(document('<rect x="10" y="10" width="380" height="180" fill="none" stroke="black"/>'
                                       + LABEL), GEOMETRY)
     assert prepared.source_format == "SVG" and prepared.page_count == 1
-    assert prepared.received_size == (1448, 724)  # 400x200 scaled to the model's 1M-pixel budget
+    assert drawn_boxes == [(1448, 724)]  # 400x200 scaled to the model's 1M-pixel budget
+    assert prepared.received_size == (400, 200)  # as received: the declared size
     assert prepared.image.mode == "RGB"
     assert dark_pixels(prepared.image, (0.05, 0.3, 0.9, 0.6)) > 500  # the label was drawn, not dropped
 
 
-def test_the_declared_size_never_decides_the_pixels():
+def test_the_declared_size_never_decides_the_pixels(drawn_boxes):
     huge = document('<rect width="50000" height="50000" fill="blue"/>', size='width="100000" height="100000"')
     prepared = prepare_image(huge, GEOMETRY)
-    assert prepared.received_size[0] * prepared.received_size[1] <= GEOMETRY.max_pixels
+    assert drawn_boxes[0][0] * drawn_boxes[0][1] <= GEOMETRY.max_pixels
+    assert prepared.received_size == (100000, 100000)
     assert colour_at(prepared.image, 0.25, 0.25) == (0, 0, 255)
     assert colour_at(prepared.image, 0.75, 0.75) == (255, 255, 255)
     mm = prepare_image(document("", size='width="100mm" height="50mm"'), GEOMETRY)  # units, not 0 px
-    assert mm.received_size == (1448, 724)
+    assert drawn_boxes[1] == (1448, 724) and mm.received_size == (378, 189)
     view_box = prepare_image(document("", size='viewBox="0 0 30 10"'), GEOMETRY)  # 4x at most, like a PDF
-    assert view_box.received_size == (120, 40)
+    assert drawn_boxes[2] == (120, 40) and view_box.received_size == (30, 10)
     with pytest.raises(InvalidImageError, match="aspect ratio"):
         prepare_image(document("", size='width="10000" height="2"'), GEOMETRY)
 

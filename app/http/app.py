@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import SERVICE_NAME, __version__
 from app.http.access_log import AccessLogMiddleware
 from app.http.chat_routes import router as openai_router
-from app.http.docs import add_schemas, declare_api_key, install_docs
+from app.http.docs import add_schemas, declare_api_key, drop_validation_responses, install_docs
 from app.http.envelope import install_error_handlers
 from app.http.gate import InferGate
 from app.http.job_routes import router as jobs_router
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     app.include_router(jobs_router)
     install_docs(app)
     add_schemas(app, ChatCompletionRequest)
+    drop_validation_responses(app)
     if settings.api_key:
         declare_api_key(app, [("/infer", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
                               ("/v1/models/{model_id}", "get"), ("/jobs", "post"), ("/jobs/{job_id}", "get"),

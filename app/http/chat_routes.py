@@ -12,6 +12,7 @@ from app.http.chat_stream import ChunkStream
 from app.http.dependencies import ServiceDep
 from app.http.disconnect import EventStreamResponse, until_disconnect
 from app.http.docs import json_request_body
+from app.errors import InvalidRequestError, ModelNotFoundError
 from app.http.envelope import EnvelopedRoute, error_responses
 from app.service.chat import completion, list_models, retrieve_model, served_model_id, start_chat_completion
 from app.service.chat_schemas import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, OpenAIErrorResponse
@@ -26,8 +27,14 @@ _DESCRIPTIONS = {
 }
 
 
+_EXAMPLES = {
+    400: InvalidRequestError("temperature: decoding is greedy; temperature must be 0 or absent", param="temperature"),
+    404: ModelNotFoundError("no model 'gpt-4o' here; this service serves 'qwen3-vl-2b-diagrams'", param="model"),
+}
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return error_responses(*codes, model=OpenAIErrorResponse, descriptions=_DESCRIPTIONS)
+    return error_responses(*codes, model=OpenAIErrorResponse, descriptions=_DESCRIPTIONS, examples=_EXAMPLES)
 
 
 @router.post(

@@ -4,7 +4,7 @@ networks (and this project's CI) cannot reach, leaving users a blank page."""
 from __future__ import annotations
 
 from importlib.resources import files
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -22,42 +22,64 @@ def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-def add_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
-    """Put these models (and the models they use) under components/schemas of the spec."""
+def _amend_openapi(app: FastAPI, amend: Callable[[dict], None]) -> None:
+    """Change the spec FastAPI builds, once, when it is first asked for."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
-                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(model_schema.pop("$defs", {}))
-                components[model.__name__] = model_schema
+            amend(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def add_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Put these models (and the models they use) under components/schemas of the spec."""
+
+    def amend(schema: dict) -> None:
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+
+    _amend_openapi(app, amend)
+
+
+def drop_validation_responses(app: FastAPI) -> None:
+    """FastAPI documents a 422 HTTPValidationError on every route with parameters; this service answers a bad
+    parameter with its own 400 envelope (envelope.py), so those 422s and their schemas are not what it sends."""
+
+    def amend(schema: dict) -> None:
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                ref = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+                if ref.get("$ref", "").endswith("/HTTPValidationError"):
+                    del responses["422"]
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+
+    _amend_openapi(app, amend)
 
 
 def declare_api_key(app: FastAPI, protected: list[tuple[str, str]]) -> None:
     """With API_KEY set, the spec says so: both ways of sending the key as security schemes on the protected
     operations, which gives Swagger UI its Authorize button. Without it nothing is declared, as nothing is asked."""
-    build = app.openapi
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = build()
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                "bearer": {"type": "http", "scheme": "bearer"},
-            }
-            for path, method in protected:
-                schema["paths"][path][method]["security"] = [{"apiKeyHeader": []}, {"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
+    def amend(schema: dict) -> None:
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
+        for path, method in protected:
+            schema["paths"][path][method]["security"] = [{"apiKeyHeader": []}, {"bearer": []}]
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    _amend_openapi(app, amend)
 
 
 def install_docs(app: FastAPI) -> None:

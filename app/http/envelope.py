@@ -13,7 +13,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import InvalidRequestError, MethodNotAllowedError, MissingFieldError, NotFoundError, ServiceError
+from app.errors import (DeadlineExceededError, InvalidImageError, InvalidRequestError, MethodNotAllowedError,
+                        MissingFieldError, NoTableError, NotFoundError, NotReadyError, PayloadTooLargeError,
+                        ServiceError, UnauthorizedError, UnsupportedMediaError, UploadTimeoutError)
 from app.http.access_log import note
 from app.request_context import current_request_id
 from app.service.schemas import ErrorResponse
@@ -36,15 +38,42 @@ _DESCRIPTIONS = {
 }
 
 
+# One typical error per status for Swagger's examples; a route group passes its own where its usual one differs.
+_EXAMPLES: dict[int, ServiceError] = {
+    400: InvalidImageError("cannot decode the upload as an image (cannot identify image file)"),
+    401: UnauthorizedError(),
+    404: NotFoundError("no route GET /infr; see /docs"),
+    405: MethodNotAllowedError("GET is not allowed on /infer; see /docs"),
+    408: UploadTimeoutError("the upload did not arrive within UPLOAD_TIMEOUT_S=60 s (1048576 bytes received)"),
+    413: PayloadTooLargeError("upload over MAX_UPLOAD_MB (20 MB)"),
+    415: UnsupportedMediaError("not an accepted format: send PNG, JPEG, WebP, GIF, BMP, TIFF, PDF, SVG or BPMN"),
+    422: NoTableError("the answer holds no table (no markdown table in the answer); ask for format=json to see it"),
+    500: ServiceError(),
+    503: NotReadyError("the model is still loading; retry shortly", headers={"Retry-After": "5"}),
+    504: DeadlineExceededError("the request passed REQUEST_TIMEOUT_S (120 s)"),
+}
+_EXAMPLE_REQUEST_ID = "7cd29e04fd024ceea1fd842cab134ff3"
+
 OPENAI_PREFIX = "/v1/"
 _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error"}
 
 
-def error_responses(*status_codes: int, model: type = ErrorResponse,
-                    descriptions: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` entry documenting these statuses with the envelope schema."""
+def error_responses(*status_codes: int, model: type = ErrorResponse, descriptions: dict[int, str] | None = None,
+                    examples: dict[int, ServiceError] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entry documenting these statuses with the envelope schema (``model``: ErrorResponse, or
+    OpenAIErrorResponse for /v1) and an example of each that has the status's own type and message."""
     described = {**_DESCRIPTIONS, **(descriptions or {})}
-    return {code: {"model": model, "description": described[code]} for code in status_codes}
+    shown = {**_EXAMPLES, **(examples or {})}
+    render = openai_error if model is not ErrorResponse else _example_envelope
+    return {code: {"model": model, "description": described[code],
+                   "content": {"application/json": {"example": render(shown[code])}}}
+            for code in status_codes}
+
+
+def _example_envelope(error: ServiceError) -> dict[str, Any]:
+    example = envelope(error)
+    example["error"]["request_id"] = _EXAMPLE_REQUEST_ID
+    return example
 
 
 def envelope(error: ServiceError) -> dict[str, Any]:
@@ -69,8 +98,16 @@ def _describe_validation(exc: RequestValidationError) -> ServiceError:
     missing = [str(p["loc"][-1]) for p in problems if p.get("type") == "missing"]
     if missing:
         return MissingFieldError(f"required multipart form field missing: {', '.join(missing)}")
-    details = "; ".join(f"{p['loc'][-1]}: {p['msg']}" for p in problems)
+    details = "; ".join(_problem(p) for p in problems)
     return InvalidRequestError(f"invalid value - {details}")
+
+
+def _problem(problem: dict[str, Any]) -> str:
+    field = problem["loc"][-1]
+    if "UploadFile" in str(problem.get("msg", "")):  # pydantic's words name a class, not what to send
+        return (f"{field}: send the diagram as a file part (with a filename), not a text field; with curl, "
+                f"-F {field}=@diagram.png")
+    return f"{field}: {problem['msg']}"
 
 
 class EnvelopedRoute(APIRoute):

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from app.errors import (
     JobNotDoneError,
     JobNotFoundError,
+    JobStoreUnavailableError,
     NoTableError,
     UnsupportedMediaError,
     recorded_error,
@@ -37,8 +38,16 @@ _DESCRIPTIONS = {
 }
 
 
+_EXAMPLES = {
+    404: JobNotFoundError(),
+    409: JobNotDoneError("the job is running; poll its status", headers={"Retry-After": "5"}),
+    503: JobStoreUnavailableError("the job store is unavailable (postgresql: connection refused); /infer still "
+                                  "answers", headers={"Retry-After": "5"}),
+}
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return error_responses(*codes, descriptions=_DESCRIPTIONS)
+    return error_responses(*codes, descriptions=_DESCRIPTIONS, examples=_EXAMPLES)
 
 
 def _status(request: Request, job: Job) -> JobStatus:

@@ -8,14 +8,17 @@ import logging
 import signal
 import time
 from types import FrameType
+from typing import Callable
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.metrics import Metrics
 from app.service.inference import InferenceService
 from app.service.runner import ABORT_FLUSH_S, shutdown_error
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("app.access")
 
 
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers; nginx allows 4 x 8 KB, h11 16 KB
@@ -28,20 +31,45 @@ def _refusal(status: str, error_type: str, message: str) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
-TOO_LARGE_HEAD = _refusal("431 Request Header Fields Too Large", "request_header_too_large",
-                          f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB")
-TOO_MANY_CONNECTIONS = _refusal("503 Service Unavailable", "overloaded",
-                                "too many connections are open; retry shortly")
+def _refusals(*entries: tuple[str, int, str, str, str]) -> dict[str, tuple[int, str, bytes]]:
+    return {reason: (status, error_type, _refusal(f"{status} {phrase}", error_type, message))
+            for reason, status, phrase, error_type, message in entries}
 
 
-def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
+# Answered by the protocol itself: no route (nor its middlewares) ever sees these requests.
+REFUSALS = _refusals(
+    ("head_too_large", 431, "Request Header Fields Too Large", "request_header_too_large",
+     f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB"),
+    ("too_many_connections", 503, "Service Unavailable", "overloaded", "too many connections are open; retry shortly"),
+    ("not_http", 400, "Bad Request", "invalid_request",
+     "the request is not valid HTTP/1.1 (malformed request line, header or chunk)"),
+)
+
+
+def count_refusal(metrics: Metrics) -> Callable[[str, str], None]:
+    """What a refusal at the protocol leaves behind: the access line and vlm_requests_total, as a routed
+    request's would (endpoint "other": the path, if any, was never parsed)."""
+
+    def record(reason: str, peer: str) -> None:
+        status, error_type, _ = REFUSALS[reason]
+        metrics.requests.labels("other", str(status)).inc()
+        access_logger.info("- - %s 0.000s", status, extra={"access": {"status": status, "error_type": error_type,
+                                                                      "client": peer}})
+
+    return record
+
+
+def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connections: int,
+                     on_refusal: Callable[[str, str], None] = lambda reason, peer: None) -> type[HttpToolsProtocol]:
     """uvicorn's HTTP protocol with the limits a server facing the open network needs, on every route:
     - a request's headers must arrive within ``header_timeout_s`` and fit in MAX_HEAD_BYTES (else 431), so a
       connection that sends nothing, trickles, or streams endless headers holds neither a socket nor memory;
     - a request's body must arrive within ``body_timeout_s`` (the upload routes answer 408 before that; this
       closes the connection of any other route a client drips a body into);
     - at most ``max_connections`` connections: past it, the one that has been sending its request the longest
-      is closed to make room, so new clients (health probes among them) are still answered."""
+      is closed to make room, so new clients (health probes among them) are still answered;
+    - what is not HTTP gets the error envelope (uvicorn answers plain text), and every refusal here is logged
+      and counted through ``on_refusal``, as routed requests are."""
 
     connections: dict["GuardedProtocol", None] = {}  # insertion order: the oldest first
 
@@ -60,6 +88,17 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
                 self._timer.cancel()
                 self._timer = None
 
+        def _refuse(self, reason: str) -> None:
+            if self.transport.is_closing():
+                return
+            self.transport.write(REFUSALS[reason][2])
+            self.transport.close()
+            peer = "%s:%d" % self.client if self.client else "-"
+            on_refusal(reason, peer)
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's answer to a request its parser rejects
+            self._refuse("not_http")
+
         def _too_slow(self, why: str) -> None:
             self._timer = None
             if not self.transport.is_closing():
@@ -71,8 +110,7 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
             self._receiving_since = time.monotonic()
             self._arm(header_timeout_s, f"sent no complete request headers within {header_timeout_s:.0f} s")
             if len(connections) >= max_connections and not self._make_room():
-                transport.write(TOO_MANY_CONNECTIONS)
-                transport.close()
+                self._refuse("too_many_connections")
                 return
             connections[self] = None
 
@@ -91,9 +129,8 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float, max_connect
             if self._in_head:
                 self._head_bytes += len(data)
             super().data_received(data)
-            if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-                self.transport.write(TOO_LARGE_HEAD)
-                self.transport.close()
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse("head_too_large")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -163,7 +200,7 @@ def serve(service: InferenceService, app) -> None:
     settings = service.settings
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_config=None,
                             http=guarded_protocol(settings.header_timeout_s, settings.upload_timeout_s + 5,
-                                                  settings.max_connections),
+                                                  settings.max_connections, count_refusal(service.prometheus)),
                             timeout_keep_alive=settings.header_timeout_s,
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
     DrainingServer(config, service).run()

@@ -39,7 +39,7 @@ class ImageFacts:
     """What the answer reports about the image, without holding its pixels."""
 
     source_format: str
-    received_size: tuple[int, int]  # (width, height) as decoded, before any resize
+    received_size: tuple[int, int]  # (width, height) as received: a raster's pixels, a vector page's declared size
     model_size: tuple[int, int]  # (width, height) fed to the model
     page_count: int = 1  # pages in the file (PDF, TIFF); 1 for other formats
 
@@ -121,8 +121,13 @@ def _decode_raster(data: bytes, fmt: str, max_decoded_pixels: int, page: int = 1
     return image, pages
 
 
+def _declared(width: float, height: float) -> tuple[int, int]:
+    """A vector page's size as the file states it (CSS px, PDF points), in whole units: what was received."""
+    return max(1, round(width)), max(1, round(height))
+
+
 def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pixels: int
-                ) -> tuple[Image.Image, int]:
+                ) -> tuple[Image.Image, int, tuple[int, int]]:
     import pypdfium2 as pdfium
 
     with _pdfium_lock:
@@ -145,7 +150,7 @@ def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pi
             budget = min(geometry.max_pixels, max_decoded_pixels)
             scale = min(_VECTOR_MAX_SCALE, math.sqrt(budget / (width_pt * height_pt)))
             bitmap = pdf_page.render(scale=scale, fill_color=(255, 255, 255, 255))
-            return bitmap.to_pil().convert("RGB"), pages
+            return bitmap.to_pil().convert("RGB"), pages, _declared(width_pt, height_pt)
         except pdfium.PdfiumError as error:
             raise InvalidImageError(f"cannot render the PDF page: {_one_line(error)}") from None
         finally:
@@ -155,7 +160,8 @@ def _render_pdf(data: bytes, page: int, geometry: VisionGeometry, max_decoded_pi
 MIN_SVG_SIDE_PX = 1e-3  # a side below a thousandth of a pixel is no drawing (and 1e-300 squared is 0)
 
 
-def _render_svg(data: bytes, geometry: VisionGeometry, max_decoded_pixels: int) -> Image.Image:
+def _render_svg(data: bytes, geometry: VisionGeometry, max_decoded_pixels: int
+                ) -> tuple[Image.Image, tuple[int, int]]:
     """Like a PDF page: drawn straight at the resolution the model will see, never past the decode limit,
     whatever size the file declares."""
     document = svg.parse_svg(data, max_decoded_pixels)
@@ -165,7 +171,7 @@ def _render_svg(data: bytes, geometry: VisionGeometry, max_decoded_pixels: int) 
     budget = min(geometry.max_pixels, max_decoded_pixels)
     image = svg.rasterise(document, svg.fit_box(document.width, document.height, budget, _VECTOR_MAX_SCALE))
     _check_pixels(*image.size, max_decoded_pixels)
-    return image
+    return image, _declared(document.width, document.height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -216,18 +222,18 @@ def prepare_image(data: bytes, geometry: VisionGeometry, *, page: int = 1,
     if fmt is None:
         raise UnsupportedMediaError(f"not a supported image: accepted formats are {ACCEPTED_TEXT}")
     if fmt == "PDF":
-        image, pages = _render_pdf(data, page, geometry, max_decoded_pixels)
+        image, pages, received = _render_pdf(data, page, geometry, max_decoded_pixels)
     elif page != 1 and fmt not in MULTI_PAGE_RASTERS:
         raise InvalidRequestError(f"page={page} applies to PDF and TIFF uploads only; this file is {fmt}")
     elif fmt == "SVG":
-        image, pages = _render_svg(data, geometry, max_decoded_pixels), 1
+        (image, received), pages = _render_svg(data, geometry, max_decoded_pixels), 1
     else:
         image, pages = _decode_raster(data, fmt, max_decoded_pixels, page)
-    received = image.size
-    size = model_size(*received, geometry)
+        received = image.size
+    size = model_size(*image.size, geometry)
     # Fitting the sides to the patch grid can push a thin image past the limit (47x6425 becomes 32x6432).
     _check_aspect(*size, f"the image as fitted to the model's {geometry.factor}-px grid")
-    if image.mode in ("RGBA", "LA") and size != received:
+    if image.mode in ("RGBA", "LA") and size != image.size:
         # Pillow resamples these with premultiplied alpha, so compositing the model-sized image is the same
         # picture for a fraction of the memory.
         image = image.resize(size, Image.Resampling.BICUBIC)

@@ -25,7 +25,8 @@ class InferMetadata(BaseModel):
                                            "token (vision encoder included)")
     preprocess_time: float = Field(description="seconds decoding the upload and building model inputs")
     queue_time: float = Field(description="seconds waited for a KV slot")
-    image_size: list[int] | None = Field(description="[width, height] as received; null for a BPMN file",
+    image_size: list[int] | None = Field(description="[width, height] as received: a raster's pixels, an SVG's "
+                                         "declared size in CSS px, a PDF page's in points; null for a BPMN file",
                                         examples=[[1024, 768]])
     model_image_size: list[int] | None = Field(description="[width, height] actually fed to the model")
     image_tokens: int = Field(description="vision tokens the image took in the prompt")
@@ -46,9 +47,10 @@ class InferMetadata(BaseModel):
 class TableData(BaseModel):
     columns: list[str] = Field(examples=[["№", "Наименование действия", "Роль"]])
     rows: list[list[str]] = Field(examples=[[["1", "Принять заявку", "Менеджер"]]])
-    truncated: bool = Field(description="the answer was cut at max_new_tokens: rows may be missing")
-    dropped_incomplete_row: bool = Field(description="the cut-off last row was dropped")
-    warnings: list[str] = Field(description="what the parser had to guess (no separator row, …)")
+    truncated: bool = Field(description="the answer was cut at max_new_tokens: rows may be missing",
+                            examples=[False])
+    dropped_incomplete_row: bool = Field(description="the cut-off last row was dropped", examples=[False])
+    warnings: list[str] = Field(description="what the parser had to guess (no separator row, …)", examples=[[]])
 
 
 class StepRow(BaseModel):
