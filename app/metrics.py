@@ -94,6 +94,9 @@ class Metrics:
         self.in_flight = Gauge("vlm_in_flight_requests", "Inference requests holding a KV slot", registry=registry)
         self.slots_in_use = Gauge("vlm_kv_slots_in_use", "KV-cache slots held by requests", registry=registry)
         self.slots = Gauge("vlm_kv_slots", "KV-cache slots allocated (MAX_BATCH_SIZE)", registry=registry)
+        self.decode_mode = Gauge("vlm_decode_mode", "1 for the decoding path serving, 0 for the others (the "
+                                 "fastest that passed its startup check; /health decode_fallback says why)",
+                                 ["mode"], registry=registry)
         self.model_load = Gauge("vlm_model_load_seconds", "Seconds the model took to load, merge and warm up",
                                 registry=registry)
         self.model_info = Gauge("vlm_model_info", "The model being served (value is always 1)",

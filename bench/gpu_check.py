@@ -1,11 +1,13 @@
 """The engine on the full Qwen3-VL-2B architecture (random weights): decoding speed and graph correctness.
 
 Side by side in one run, one 1024x768 diagram per row, every row forced to the same token count:
-  hf-generate   the model's own generate() (DynamicCache, eager), as the service ran before the slot engine
-  eager         our slot engine, decoding step run module by module
-  cuda-graphs   our slot engine, decoding step replayed as CUDA graphs (CUDA only)
-and a check that the captured step's logits equal the eager step's at the same positions, up to many steps
-after capture (the graph must attend to keys written after it was captured).
+  hf-generate    the model's own generate() (DynamicCache, eager), as the service ran before the slot engine
+  modules-eager  our slot engine, decoding step run module by module (the step before the fused layers)
+  fused-eager    our slot engine, fused layers, one kernel launch at a time
+  <served>       the path the service's startup ladder picks (flash-graphs or sdpa-graphs on a GPU)
+Also: each path's startup check (its logits against the model's own forward, on this device), and a check
+that the served step's logits equal the eager step's at the same positions, up to many steps after capture
+(the graph must attend to keys written after it was captured).
 
     python bench/gpu_check.py                                   # CUDA, full size (bench/gpu_check.sh)
     python bench/gpu_check.py --device cpu --model tiny         # the logic, on the CPU (figures meaningless)
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor  # noqa: E402
 
+from app.model.decode_paths import ALL_PATHS, candidate_paths, check_decoding  # noqa: E402
 from app.model.device import Placement  # noqa: E402
 from app.model.engine import Engine, EngineLimits, ServingDefaults  # noqa: E402
 from app.model.loader import LoadedModel  # noqa: E402
@@ -109,6 +112,7 @@ def graph_matches_eager(engine: Engine, image: Image.Image, steps: int, checkpoi
     """Prefill 3 rows, advance them with the captured step, and at each checkpoint run that step twice from the
     same state, replayed and eager: their logits must agree (bf16 tolerance)."""
     step, replay = engine._step, engine._run_step
+    eager = step.run
     sequences = [Sequence(engine.prepare(image, f"{PROMPT} {i}"), steps + 8) for i in range(3)]
     engine.prefill(sequences)
     rows, report = len(sequences), []
@@ -121,13 +125,13 @@ def graph_matches_eager(engine: Engine, image: Image.Image, steps: int, checkpoi
         replayed, after = step.logits[:rows].float().clone(), (step.tokens.clone(), step.positions.clone())
         step.tokens.copy_(tokens)
         step.positions.copy_(positions)
-        step(rows, int(positions[:rows].max()) + 1)  # eager, attention sliced to the rows' length
-        eager = step.logits[:rows].float()
+        eager(rows, int(positions[:rows].max()) + 1)  # eager, attention sliced to the rows' length
+        eager_logits = step.logits[:rows].float()
         step.tokens.copy_(after[0])
         step.positions.copy_(after[1])
-        scale = eager.abs().max().item()
-        difference = (replayed - eager).abs().max().item()
-        agree = (replayed.argmax(-1) == eager.argmax(-1)).float().mean().item()
+        scale = eager_logits.abs().max().item()
+        difference = (replayed - eager_logits).abs().max().item()
+        agree = (replayed.argmax(-1) == eager_logits.argmax(-1)).float().mean().item()
         report.append({"step": index, "max_abs_diff": difference, "logit_scale": scale, "top1_agreement": agree,
                        "ok": difference <= 0.02 * scale + 1e-3})
     for sequence in sequences:
@@ -165,7 +169,6 @@ def main() -> int:
     engine = Engine(loaded, ServingDefaults(PROMPT, max(args.diagram_tokens, args.new_tokens, args.check_steps + 8),
                                             1024),
                     repetition_guard=None, force_max_new_tokens=True, limits=EngineLimits(max_rows=max(levels)))
-    engine._step.keep_logits()
     info = engine.cache_info()
     print(f"KV cache: {info['slots']} slots x {info['slot_tokens']} tokens = {info['bytes'] / 2 ** 30:.2f} GiB",
           flush=True)
@@ -180,13 +183,33 @@ def main() -> int:
             args.json.write_text(json.dumps(results, indent=2))
 
     record(run_hf_generate(loaded, engine, args.eager_tokens, image))
-    run_engine(engine, 1, 2, image, "warm-up")
-    record(run_engine(engine, 1, args.eager_tokens, image, "eager"))
-    if device == "cuda":
-        captured = time.perf_counter()
-        engine.capture_graphs()
-        results["capture_s"] = time.perf_counter() - captured
-        print(f"decode mode: {engine.decode_mode}; capture took {results['capture_s']:.1f} s", flush=True)
+    paths = {path.mode: path for path in ALL_PATHS}
+    for mode in ("modules-eager", "fused-eager"):
+        engine.use_decode_path(paths[mode])
+        run_engine(engine, 1, 2, image, "warm-up")
+        record(run_engine(engine, 1, args.eager_tokens, image, mode))
+    # Every path that can run here, checked as the service checks it at startup (capture included).
+    candidates, skipped = candidate_paths(engine.model.device, engine.model.dtype, graphs_allowed=True,
+                                          fusable=engine.fused_layers is not None, quantization=None)
+    results["paths"] = [{"mode": why.split(":")[0], "verdict": why, "seconds": 0.0} for why in skipped]
+    for path in candidates:
+        began = time.perf_counter()
+        try:
+            engine.use_decode_path(path)
+            verdict = check_decoding(engine) or "passes"
+        except Exception as error:  # noqa: BLE001 - reported, and the ladder below steps past it
+            verdict = f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            engine.release_all()
+        results["paths"].append({"mode": path.mode, "verdict": verdict, "seconds": time.perf_counter() - began})
+    print("startup check of each path (logits vs the model's own forward, on this device):", flush=True)
+    print_rows(results["paths"])
+    ladder = time.perf_counter()
+    engine.choose_decode_path()
+    results["ladder_s"] = time.perf_counter() - ladder
+    results["decode_mode"], results["decode_fallback"] = engine.decode_mode, engine.decode_fallback
+    print(f"served: {engine.decode_mode} (fallback: {engine.decode_fallback}); ladder with capture and checks "
+          f"took {results['ladder_s']:.1f} s", flush=True)
+    served = engine.decode_mode
     # Without graphs this compares the whole-slot eager step with the length-sliced one: still a check.
     if args.check_steps:
         checks = graph_matches_eager(engine, image, args.check_steps,
@@ -194,17 +217,17 @@ def main() -> int:
         results["graph_vs_eager"] = checks
         print(f"{engine.decode_mode} step vs eager step, same state:", flush=True)
         print_rows(checks)
-    if engine.decode_mode == "cuda-graphs":
+    if served.endswith("-graphs"):
         run_engine(engine, 1, 2, image, "warm-up")
-        record(run_engine(engine, 1, args.eager_tokens, image, "cuda-graphs"))
-        record(run_engine(engine, 1, args.diagram_tokens, image, "cuda-graphs"))
+        record(run_engine(engine, 1, args.eager_tokens, image, served))
+        record(run_engine(engine, 1, args.diagram_tokens, image, served))
         for level in levels:
-            record(run_engine(engine, level, args.new_tokens, image, "cuda-graphs"))
+            record(run_engine(engine, level, args.new_tokens, image, served))
     print()
     print_rows(rows)
     by_mode = {(row["mode"], row["rows"], row["new_tokens"]): row for row in rows}
     base = by_mode.get(("hf-generate", 1, args.eager_tokens))
-    for mode in ("eager", "cuda-graphs"):
+    for mode in dict.fromkeys(("modules-eager", "fused-eager", served)):
         ours = by_mode.get((mode, 1, args.eager_tokens))
         if base and ours:
             print(f"one stream, {args.eager_tokens} tokens: {mode} decodes "

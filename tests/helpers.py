@@ -46,7 +46,7 @@ class FakeEngine:
         self.prefills = 0
         self.occupants: list = []
         self.stop_rules = StopRules(frozenset({self.EOS}), repetition_guard=None)
-        self.decode_mode = "eager"
+        self.decode_mode, self.decode_fallback = "fused-eager", None
         self.geometry = VisionGeometry(factor=32, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
         self.defaults = ServingDefaults(prompt="prompt", max_new_tokens=16, max_image_tokens=64)
         self.loaded = SimpleNamespace(model_id="fake-model", adapter=None, processor=object(),

@@ -296,5 +296,144 @@ def test_counters_follow_each_row_under_mixed_lengths(tiny_model_dir):
     assert (health["queue_depth"], health["in_flight"]) == (0, 0)
     assert (metrics["queue_depth"], metrics["in_flight"]) == (0, 0)
     assert health["kv_cache"]["slots"] == 3 and health["kv_cache"]["slots_in_use"] == 0
-    assert health["decode_mode"] == "eager"
+    assert health["decode_mode"] == "fused-eager" and health["decode_fallback"] is None
     assert metrics["completion_tokens_total"] == 1 + 48 + 5 + 30 + 2 + 17 + 9 + 40
+
+
+# --- the decoding paths (decode_paths.py) ---------------------------------------------------------------------
+
+def path_named(mode: str):
+    from app.model.decode_paths import ALL_PATHS
+
+    return next(path for path in ALL_PATHS if path.mode == mode)
+
+
+@pytest.mark.parametrize("mode", ["fused-eager", "modules-eager", "sdpa-graphs"])
+def test_every_decode_path_gives_generates_tokens_staggered_with_a_cancelled_row(loaded, references, mode):
+    """sdpa-graphs runs as its graphs would (full padded bucket, whole slot, warm-up garbage left in the idle
+    slots), eagerly: with 4 slots, 3 rows pad to a bucket of 4."""
+    engine = make_engine(loaded, rows=4)
+    engine.use_decode_path(path_named(mode), emulate_graphs=True)
+    scheduler = Scheduler(engine)
+    lengths = [40, 7, 25, 3, 33]
+    sequences = [sequence(engine, index, lengths[index]) for index in range(5)]
+    arrivals = {0: [0], 2: [1, 2], 5: [3], 6: [4]}
+    for steps in range(200):
+        for index in arrivals.get(steps, []):
+            scheduler.add(sequences[index])
+        if steps == 9:
+            sequences[2].cancel.set()
+        scheduler.step()
+        if not scheduler.has_work and steps > max(arrivals):
+            break
+    assert sequences[2].result.finish_reason == "cancelled"
+    assert_prefix_of_reference(sequences[2], references[2])
+    for index in (0, 1, 3, 4):
+        assert sequences[index].tokens == references[index][:lengths[index]], f"request {index}"
+    assert engine.slots_in_use == 0
+
+
+def test_the_fused_layer_launches_a_third_of_the_modules_kernels(loaded):
+    """One decoder layer of the step, counted at the dispatcher (views are free and not counted); on CUDA each
+    op counted here is one kernel. A regression in the fused layer shows here first."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t", "expand", "unsqueeze",
+            "squeeze", "as_strided", "split", "split_with_sizes", "alias", "detach", "permute", "unbind"}
+
+    class Counting(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in free:
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    engine = make_engine(loaded, rows=2)
+    for mode in ("fused-eager", "modules-eager"):
+        step = engine.use_decode_path(path_named(mode))
+        hidden = step.text.embed_tokens(step.tokens[:2])
+        at = step.positions[:2]
+        rope = step.rope.at(at) if step.fused else step.text.rotary_emb(hidden, at[:, None])
+        visible = (step._cache_index[:8][None, :] <= at[:, None],)
+        layer = step._fused_layer if step.fused else step._modules_layer
+        with torch.inference_mode(), Counting() as counting:
+            layer(0, step.text.layers[0], hidden, rope, at, 8, visible)
+        counts[mode] = sum(counting.ops.values())
+    assert counts["fused-eager"] <= 18, counts
+    assert counts["modules-eager"] >= 3 * counts["fused-eager"], counts
+
+
+def test_fused_projections_are_the_modules_weights_not_a_copy(loaded):
+    engine = make_engine(loaded, rows=1)
+    layer, fused = engine.model.model.language_model.layers[0], engine.fused_layers[0]
+    qkv = fused.qkv.weight
+    for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        assert module.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == fused.gate_up.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(fused.qkv(torch.ones(1, qkv.shape[1])).split(
+        [layer.self_attn.q_proj.weight.shape[0], layer.self_attn.k_proj.weight.shape[0],
+         layer.self_attn.v_proj.weight.shape[0]], dim=-1)[2], layer.self_attn.v_proj(torch.ones(1, qkv.shape[1])))
+
+
+def wrong_rms_norm(x, weight, eps):
+    """A kernel that is subtly wrong: what the startup check exists to catch."""
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps) * 1.05
+
+
+def test_a_path_that_fails_its_check_is_not_served_and_the_next_one_is(loaded, monkeypatch):
+    from app.model import decode_step
+
+    engine = make_engine(loaded, rows=3)
+    monkeypatch.setattr(decode_step, "rms_norm", wrong_rms_norm)
+    engine.choose_decode_path()
+    assert engine.decode_mode == "modules-eager"
+    assert engine.decode_fallback.startswith("fused-eager: row 0") and "logits differ" in engine.decode_fallback
+    assert engine.slots_in_use == 0
+    monkeypatch.setattr(decode_step, "sdpa_decode", lambda query, *rest: torch.zeros(
+        query.shape[0], query.shape[1] * query.shape[2], dtype=query.dtype))
+    from app.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no decoding path passed its startup check: fused-eager: .*modules-eager"):
+        engine.choose_decode_path()
+    engine.occupants.append(sequence(engine, 0, 4))
+    with pytest.raises(RuntimeError, match="no slot"):
+        engine.use_decode_path(path_named("fused-eager"))
+    engine.release_all()
+
+
+def test_health_and_metrics_say_which_path_serves_and_why(tiny_model_dir, monkeypatch):
+    from app.model import decode_step
+
+    monkeypatch.setattr(decode_step, "rms_norm", wrong_rms_norm)
+    settings = Settings(base_model_id=str(tiny_model_dir / "base-model"), adapter_path=tiny_model_dir / "weights",
+                        device="cpu", torch_dtype="float32", warmup=False)
+    with TestClient(create_app(settings)) as client:
+        health = wait_for_status(client, "healthy")
+        assert health["decode_mode"] == "modules-eager" and "fused-eager" in health["decode_fallback"]
+        metrics = client.get("/metrics", params={"format": "text"}).text
+        assert 'vlm_decode_mode{mode="modules-eager"} 1.0' in metrics
+        assert 'vlm_decode_mode{mode="fused-eager"} 0.0' in metrics
+        answer = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                             data={"max_new_tokens": "5"})
+        assert answer.status_code == 200
+
+
+def test_on_cuda_the_ladder_starts_with_graphs_and_says_why_a_rung_cannot_run():
+    from app.model.decode_paths import candidate_paths
+
+    cuda = torch.device("cuda")
+    paths, skipped = candidate_paths(cuda, torch.float32, graphs_allowed=True, fusable=True, quantization=None)
+    assert [path.mode for path in paths] == ["sdpa-graphs", "fused-eager", "modules-eager"]
+    assert skipped == ["flash-graphs: FlashAttention takes float16 or bfloat16, not float32"]
+    paths, skipped = candidate_paths(cuda, torch.bfloat16, graphs_allowed=True, fusable=True, quantization="int8")
+    assert [path.mode for path in paths] == ["fused-eager", "modules-eager"]
+    assert all("int8 kernels are not captured" in why for why in skipped)
+    paths, skipped = candidate_paths(torch.device("cpu"), torch.bfloat16, graphs_allowed=True, fusable=False,
+                                     quantization=None)
+    assert [path.mode for path in paths] == ["modules-eager"] and skipped[0].startswith("fused-eager")

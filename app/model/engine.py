@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from app.model.cuda_graphs import GraphedDecodeStep
+from app.errors import ModelLoadError, one_line
+from app.model.cuda_graphs import BucketedStep, GraphedDecodeStep
+from app.model.decode_paths import DecodePath, candidate_paths, check_decoding
 from app.model.decode_step import DecodeStep
+from app.model.fusion import fuse_layers
 from app.model.kvcache import CacheShape, SlotKVCache
 from app.model.loader import LoadedModel
 from app.model.sequence import GenerationResult, PreparedInputs, Sequence, StopRules
@@ -96,9 +99,12 @@ class Engine:
                        slot_tokens=self.max_image_tokens + limits.max_prompt_tokens + defaults.max_new_tokens,
                        kv_heads=text_config.num_key_value_heads, head_dim=attention.head_dim),
             dtype=self.model.dtype, device=self.model.device)
-        self._step = DecodeStep(self.model, self.cache)
-        self._run_step: DecodeStep | GraphedDecodeStep = self._step
-        self.decode_mode = "eager"
+        self.fused_layers = fuse_layers(self.model)  # the modules' weights become views: nothing held twice
+        self._step = DecodeStep(self.model, self.cache, self.fused_layers)
+        self._run_step: Any = self._step.run
+        # Unchecked until choose_decode_path (the service always calls it; tests and benchmarks may not).
+        self.decode_mode = self._step.name
+        self.decode_fallback: str | None = None  # why faster paths are not served
         self.occupants: list[Sequence] = []  # occupants[i] holds slot i
 
     @property
@@ -144,26 +150,55 @@ class Engine:
         return self.decode_tokens(tokens).strip()
 
     # --- the model thread ---------------------------------------------------------------------------
-    def capture_graphs(self) -> None:
-        """On CUDA, capture the decoding step per batch bucket; elsewhere (or if capture fails) stay eager."""
-        if self.model.device.type != "cuda":
-            return
-        if self.loaded.placement.quantization:
-            self.decode_mode = f"eager ({self.loaded.placement.quantization} kernels are not captured)"
-            logger.warning("decoding runs eagerly: %s layers are not captured as CUDA graphs",
-                           self.loaded.placement.quantization)
-            return
-        graphed = GraphedDecodeStep(self._step, self.max_rows)
-        try:
-            graphed.capture()
-        except Exception as error:  # noqa: BLE001 - eager decoding is slower but correct: keep serving
-            self._step.reset()
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            self.decode_mode = f"eager (CUDA graph capture failed: {reason})"
-            logger.exception("CUDA graph capture failed; decoding eagerly")
-            return
-        self._run_step = graphed
-        self.decode_mode = "cuda-graphs"
+    def choose_decode_path(self, cuda_graphs: bool = True) -> None:
+        """Serve the fastest decoding path that passes its startup check (decode_paths.py); raise
+        ModelLoadError when none does. Needs every slot free: the check and the capture use them."""
+        if self.occupants:
+            raise RuntimeError("the decoding path is chosen before any request holds a slot")
+        paths, reasons = candidate_paths(self.model.device, self.model.dtype, graphs_allowed=cuda_graphs,
+                                         fusable=self.fused_layers is not None,
+                                         quantization=self.loaded.placement.quantization)
+        for path in paths:
+            runner = None
+            try:
+                runner = self.use_decode_path(path)
+                problem = check_decoding(self)
+            except Exception as error:  # noqa: BLE001 - a path that raises is a path that failed its check
+                logger.exception("decoding path %s raised", path.mode)
+                problem = one_line(error)
+            if problem is None:
+                self.decode_mode = path.mode
+                self.decode_fallback = "; ".join(reasons) or None
+                logger.info("decoding with %s (passed its startup check)%s", path.mode,
+                            f"; not faster paths: {self.decode_fallback}" if reasons else "")
+                return
+            logger.warning("decoding path %s failed its startup check, not served: %s", path.mode, problem)
+            reasons.append(f"{path.mode}: {problem}")
+            self.release_all()
+            if isinstance(runner, GraphedDecodeStep):
+                runner.release()
+        raise ModelLoadError("no decoding path passed its startup check: " + "; ".join(reasons))
+
+    def use_decode_path(self, path: DecodePath, emulate_graphs: bool = False) -> Any:
+        """Build that path's step (capturing its graphs) and decode with it from now on, unchecked.
+        ``emulate_graphs`` runs a graph path's exact semantics eagerly (full bucket, whole slot), on any device."""
+        if self.occupants:
+            raise RuntimeError("the decoding step is replaced only while no slot is occupied")
+        step = DecodeStep(self.model, self.cache, self.fused_layers if path.fused else None, path.attention)
+        self._step, self._run_step, self.decode_mode = step, step.run, path.mode
+        if not path.graphs:
+            return step
+        runner = BucketedStep(step, self.max_rows) if emulate_graphs else GraphedDecodeStep(step, self.max_rows)
+        runner.capture()
+        self._run_step = runner
+        return runner
+
+    def step_logits(self) -> torch.Tensor:
+        """The last decoding step's logits per slot (what the startup check compares)."""
+        return self._step.logits
+
+    def reset_step(self) -> None:
+        self._step.reset()
 
     def collate(self, rows: list[dict[str, torch.Tensor]]) -> BatchFeature:
         """Rows from ``prepare`` as one prefill batch: per-token tensors right-padded (each row's keys and
@@ -222,7 +257,7 @@ class Engine:
         their new tokens in the order given, with a single device-to-host copy."""
         if len(sequences) != len(self.occupants):
             raise RuntimeError(f"decode of {len(sequences)} sequences, {len(self.occupants)} slots occupied")
-        longest = max(sequence.position for sequence in self.occupants) + 1
+        longest = max(sequence.position for sequence in self.occupants) + 1  # eager SDPA reads no further
         tokens = self._run_step(len(self.occupants), longest).tolist()
         for sequence in self.occupants:
             sequence.position += 1

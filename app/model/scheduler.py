@@ -125,11 +125,17 @@ class Scheduler:
 
 def generate(engine: Any, sequences: Iterable[Sequence],
              prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> list[GenerationResult]:
-    """Run sequences to completion on the calling thread (warm-up, benchmarks, tests)."""
+    """Run sequences to completion on the calling thread (warm-up, benchmarks, tests); the first error a
+    sequence met is raised, not left as a missing result."""
     sequences = list(sequences)
+    errors: list[BaseException] = []
     scheduler = Scheduler(engine, prefill_token_budget)
     for sequence in sequences:
+        on_error = sequence.on_error
+        sequence.on_error = lambda error, on_error=on_error: (errors.append(error), on_error(error))
         scheduler.add(sequence)
     while scheduler.has_work:
         scheduler.step()
+    if errors:
+        raise errors[0]
     return [sequence.result for sequence in sequences]

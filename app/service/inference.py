@@ -16,6 +16,7 @@ from PIL import Image
 from app import SERVICE_NAME, __version__
 from app.errors import DeadlineExceededError, InvalidRequestError, ModelLoadError, ServiceError
 from app.metrics import Metrics, cuda_in_use, gpu_memory_bytes
+from app.model.decode_paths import DECODE_MODES
 from app.model.device import Placement, resolve_placement
 from app.model.engine import Engine, EngineLimits, GenerationResult, PromptTooLongError, ServingDefaults
 from app.model.loader import load_model
@@ -172,9 +173,9 @@ class InferenceService:
         info = engine.cache_info()
         logger.info("KV cache: %d slots x %d tokens, %.2f GiB", info["slots"], info["slot_tokens"],
                     info["bytes"] / 2 ** 30)
-        if settings.cuda_graphs:
-            runner.phase = "capturing CUDA graphs"
-            engine.capture_graphs()
+        runner.phase = "checking the decoding step" + (" (capturing CUDA graphs)" if settings.cuda_graphs
+                                                        and loaded.placement.device == "cuda" else "")
+        engine.choose_decode_path(cuda_graphs=settings.cuda_graphs)
         if settings.warmup:
             runner.phase = "warm-up generation"
             started = time.perf_counter()
@@ -190,6 +191,8 @@ class InferenceService:
             loaded = engine.loaded
             self.prometheus.model_load.set(self.runner.load_time_s or 0.0)
             self.prometheus.slots.set(engine.max_rows)
+            for mode in DECODE_MODES:
+                self.prometheus.decode_mode.labels(mode).set(1 if mode == engine.decode_mode else 0)
             self.prometheus.model_info.labels(
                 loaded.model_id, loaded.adapter.path if loaded.adapter else "none", loaded.placement.device,
                 loaded.placement.dtype_name).set(1)
@@ -451,6 +454,7 @@ class InferenceService:
             instance_id=instance_id,
             kv_cache=KVCacheInfo(**engine.cache_info()) if engine is not None else None,
             decode_mode=engine.decode_mode if engine is not None else None,
+            decode_fallback=engine.decode_fallback if engine is not None else None,
         )
 
     def json_metrics(self) -> MetricsResponse:

@@ -120,7 +120,11 @@ class HealthResponse(BaseModel):
                                         "be opened or reached); /infer is not affected and status stays healthy")
     instance_id: str | None = Field(None, description="this process, as job leases name it (host, pid, random)")
     kv_cache: KVCacheInfo | None = None
-    decode_mode: str | None = Field(None, description="cuda-graphs, or eager (with the reason on CUDA)")
+    decode_mode: str | None = Field(None, description="the decoding path serving, the fastest that passed its startup "
+                                    "check: flash-graphs, sdpa-graphs, fused-eager or modules-eager",
+                                    examples=["fused-eager"])
+    decode_fallback: str | None = Field(None, description="why each faster path is not serving (cannot run here, "
+                                        "or failed its check); null when the fastest one is")
     error: ErrorBody | None = Field(None, description="set whenever the status code is not 200")
 
 
