@@ -80,7 +80,10 @@ class Settings(BaseSettings):
                                                "image; sizes each KV slot, longer prompts get 400")
     prefill_token_budget: int = Field(8192, ge=256, le=262_144,
                                       description="padded prompt tokens prefilled together in one scheduler "
-                                                  "step, so running requests are not stalled for long")
+                                                  "step while no request is decoding")
+    decoding_prefill_token_budget: int = Field(4096, ge=256, le=262_144,
+                                               description="the same while requests are decoding (each prefill "
+                                                           "pauses them all): bounds the gap between their tokens")
     cuda_graphs: bool = Field(True, description="replay the decoding step as CUDA graphs (CUDA only)")
     max_image_tokens: int = Field(1024, ge=4, le=16_384,
                                   description="vision-token budget per image (one token per 32x32 px)")

@@ -70,12 +70,13 @@ class FakeEngine:
         self.occupants.extend(sequences)
         return [self.FILLER for _ in sequences]
 
-    def decode(self, sequences) -> list[int]:
+    def decode(self, sequences) -> list[tuple]:
         """Steps of generate_s / 8 (so the answer comes within max_new_tokens), ``step_s`` at least."""
         time.sleep(max(self.step_s, self.generate_s / 8))
         self.rows_per_step.append(len(sequences))
         now = time.perf_counter()
-        return [self.EOS if now - sequence.started_at >= self.generate_s else self.FILLER for sequence in sequences]
+        return [(sequence, self.EOS if now - sequence.started_at >= self.generate_s else self.FILLER)
+                for sequence in sequences]
 
     def free(self, sequence) -> None:
         if sequence in self.occupants:

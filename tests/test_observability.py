@@ -157,7 +157,7 @@ class ExplodingEngine(FakeEngine):
     def prepare(self, image, prompt) -> PreparedInputs:
         return PreparedInputs({"explode": prompt == "explode"}, prompt_tokens=10, image_tokens=4)
 
-    def decode(self, sequences) -> list[int]:
+    def decode(self, sequences) -> list[tuple]:
         if any(sequence.inputs.tensors["explode"] for sequence in sequences):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return super().decode(sequences)

@@ -47,10 +47,10 @@ class SpellingEngine(FakeEngine):
         self.occupants.extend(sequences)
         return [self._next(sequence) for sequence in sequences]
 
-    def decode(self, sequences) -> list[int]:
+    def decode(self, sequences) -> list[tuple]:
         time.sleep(self.step_s)
         self.rows_per_step.append(len(sequences))
-        return [self._next(sequence) for sequence in sequences]
+        return [(sequence, self._next(sequence)) for sequence in sequences]
 
     def free(self, sequence) -> None:
         self.finished.append(sequence)

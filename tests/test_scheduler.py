@@ -149,6 +149,23 @@ def test_prefill_groups_respect_the_token_budget(engine, references):
         assert seq.tokens == references[index][:4]
 
 
+def test_while_rows_decode_a_prefill_takes_the_smaller_budget():
+    """Each prefill pauses every decoding row: arrivals join them in smaller groups than an idle engine takes."""
+    engine = FakeEngine(generate_s=60, max_rows=8, step_s=0)  # FakeEngine prompts are 10 tokens each
+    scheduler = Scheduler(engine, prefill_token_budget=40, decoding_prefill_token_budget=20)
+    first = [Sequence(engine.prepare(None, "p"), 100) for _ in range(5)]
+    for seq in first:
+        scheduler.add(seq)
+    scheduler.step()
+    assert len(scheduler.running) == 4  # idle: 4 x 10 tokens
+    scheduler.step()
+    assert len(scheduler.running) == 5 and engine.prefills == 2  # decoding: 2 x 10 at most, 1 was waiting
+    for seq in [Sequence(engine.prepare(None, "p"), 100) for _ in range(3)]:
+        scheduler.add(seq)
+    scheduler.step()
+    assert len(scheduler.running) == 7 and len(scheduler.waiting) == 1
+
+
 def test_forced_token_count_for_benchmarks(loaded):
     forced = make_engine(loaded, force_max_new_tokens=True)
     results = generate(forced, [sequence(forced, index, 30) for index in range(2)])
@@ -308,12 +325,16 @@ def path_named(mode: str):
     return next(path for path in ALL_PATHS if path.mode == mode)
 
 
-@pytest.mark.parametrize("mode", ["fused-eager", "modules-eager", "sdpa-graphs"])
-def test_every_decode_path_gives_generates_tokens_staggered_with_a_cancelled_row(loaded, references, mode):
+@pytest.mark.parametrize("mode,overlap", [("fused-eager", False), ("modules-eager", False), ("sdpa-graphs", False),
+                                          ("sdpa-graphs", True), ("fused-eager", True)])
+def test_every_decode_path_gives_generates_tokens_staggered_with_a_cancelled_row(loaded, references, mode, overlap):
     """sdpa-graphs runs as its graphs would (full padded bucket, whole slot, warm-up garbage left in the idle
-    slots), eagerly: with 4 slots, 3 rows pad to a bucket of 4."""
+    slots), eagerly: with 4 slots, 3 rows pad to a bucket of 4. With overlap (the CUDA default) each step is
+    launched before the previous one's tokens are read: rows stop, are cancelled, compact and join a step
+    late on the device, and not one token differs."""
     engine = make_engine(loaded, rows=4)
     engine.use_decode_path(path_named(mode), emulate_graphs=True)
+    engine.overlap = overlap
     scheduler = Scheduler(engine)
     lengths = [40, 7, 25, 3, 33]
     sequences = [sequence(engine, index, lengths[index]) for index in range(5)]

@@ -89,14 +89,16 @@ def check_decoding(engine) -> str | None:
     sequences = [Sequence(engine.prepare(image, prompt), CHECK_STEPS + 1) for prompt in CHECK_PROMPTS[:rows]]
     fed = [[token] for token in engine.prefill(sequences)]
     logits: list[list[torch.Tensor]] = [[] for _ in sequences]
+    overlap, engine.overlap = engine.overlap, False  # the step buffer's logits must be this step's
     try:
         for _ in range(CHECK_STEPS):
-            tokens = engine.decode(sequences)
+            tokens = dict(engine.decode(sequences))
             step_logits = engine.step_logits()
             for row, sequence in enumerate(sequences):
                 logits[row].append(step_logits[sequence.slot].to("cpu", torch.float32, copy=True))
-                fed[row].append(tokens[row])
+                fed[row].append(tokens[sequence])
     finally:
+        engine.overlap = overlap
         for sequence in sequences:
             engine.free(sequence)
         engine.reset_step()

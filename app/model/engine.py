@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import BatchFeature, DynamicCache
+from transformers import BatchFeature
 
 from app.errors import ModelLoadError, one_line
 from app.model.cuda_graphs import BucketedStep, GraphedDecodeStep
@@ -31,6 +31,16 @@ __all__ = ["Engine", "GenerationResult", "PromptTooLongError", "ServingDefaults"
 
 # The processor's per-token outputs (padded when rows are batched); the others are per image.
 TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "mm_token_type_ids"})
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A decoding step queued on the device: its rows in slot order, and the host buffer its tokens are being
+    copied into (ready once ``done`` has passed; None off CUDA, where the copy is done when queued)."""
+
+    rows: list[Sequence]
+    host: torch.Tensor
+    done: Any
 
 
 class PromptTooLongError(ValueError):
@@ -106,6 +116,13 @@ class Engine:
         self.decode_mode = self._step.name
         self.decode_fallback: str | None = None  # why faster paths are not served
         self.occupants: list[Sequence] = []  # occupants[i] holds slot i
+        # Host/device overlap (decode): pays on CUDA, where the device runs ahead; elsewhere a step runs on the
+        # calling thread and launching one early only wastes the tokens of rows that stop.
+        self.overlap = self.model.device.type == "cuda"
+        self._in_flight: LaunchedStep | None = None
+        pinned = self.model.device.type == "cuda"
+        self._host_tokens = [torch.zeros(limits.max_rows, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._host_index = 0
 
     @property
     def max_rows(self) -> int:
@@ -139,7 +156,14 @@ class Engine:
         # queued bfloat16 request holds (a 1024-token image is 25 MB of float32 patches).
         tensors = {key: value.to(self.model.dtype) if value.is_floating_point() else value
                    for key, value in inputs.items()}
-        return PreparedInputs(tensors, prompt_tokens, image_tokens)
+        # M-RoPE positions here, on the CPU where the ids already are: on the model thread over device tensors
+        # they cost dozens of host syncs per prefill.
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])
+        positions = positions[:, 0]  # [3, prompt_tokens]
+        return PreparedInputs(tensors, prompt_tokens, image_tokens, rope_positions=positions,
+                              rope_offset=int(positions.max()) + 1 - prompt_tokens)
 
     def decode_tokens(self, tokens: list[int]) -> str:
         """Text of some generated tokens, as they are (streaming decodes the answer piece by piece with it)."""
@@ -213,55 +237,82 @@ class Engine:
                                         for row in rows])
             else:
                 batch[key] = torch.cat([row[key] for row in rows])
-        return BatchFeature(batch).to(self.model.device)
+        return BatchFeature({key: self._to_device(value) for key, value in batch.items()})
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """On CUDA through pinned memory, so the copy (megabytes of image patches) does not hold the thread."""
+        if self.model.device.type != "cuda":
+            return tensor.to(self.model.device)
+        return tensor.pin_memory().to(self.model.device, non_blocking=True)
 
     @torch.inference_mode()
     def prefill(self, sequences: list[Sequence]) -> list[int]:
-        """Run the prompts (vision encoder, deepstack, M-RoPE: the model's own forward) as one batch, put each
-        one's keys and values into a free slot, and return each one's first generated token."""
+        """Run the prompts (vision encoder, deepstack, M-RoPE: the model's own forward) as one batch, its keys
+        and values written straight into free slots, and return each one's first generated token."""
         if len(self.occupants) + len(sequences) > self.max_rows:
             raise RuntimeError(f"{len(sequences)} sequences do not fit the {self.max_rows - len(self.occupants)} "
                                "free slots")
         batch = self.collate([sequence.inputs.tensors for sequence in sequences])
-        lengths = batch["attention_mask"].sum(dim=1)
-        core = self.model.model
-        position_ids, _ = core.get_rope_index(
-            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-            image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
-        kv = DynamicCache(config=self.model.config.text_config)
-        hidden = core(**batch, position_ids=position_ids, cache=kv, use_cache=True).last_hidden_state
-        rows = torch.arange(len(sequences), device=hidden.device)
-        first = self.model.lm_head(hidden[rows, lengths - 1]).argmax(dim=-1)
-        # Decoding continues each row's text positions from the largest position its prompt used.
-        valid = batch["attention_mask"].bool()[None]
-        offsets = position_ids.masked_fill(~valid, -1).amax(dim=(0, 2)) + 1 - lengths
-        keys = torch.stack([layer.keys for layer in kv.layers])  # [layer, row, kv_head, position, dim]
-        values = torch.stack([layer.values for layer in kv.layers])
-        host_lengths = lengths.tolist()
-        slots = []
+        host_lengths = [sequence.inputs.prompt_tokens for sequence in sequences]
+        longest = max(host_lengths)
+        # Padding positions take 1, as the model's own get_rope_index gives them: masked, they never count.
+        position_ids = self._to_device(torch.stack([
+            F.pad(sequence.inputs.rope_positions, (0, longest - length), value=1)
+            for sequence, length in zip(sequences, host_lengths)], dim=1))
+        first_slot = len(self.occupants)
+        writer = self.cache.writer(first_slot, self.model.config.text_config)
+        hidden = self.model.model(**batch, position_ids=position_ids, cache=writer, use_cache=True).last_hidden_state
+        last = self._to_device(torch.tensor(host_lengths)) - 1
+        first = self.model.lm_head(hidden[torch.arange(len(sequences), device=hidden.device), last]).argmax(dim=-1)
         for row, sequence in enumerate(sequences):
-            sequence.slot = len(self.occupants)
+            sequence.slot = first_slot + row
             sequence.position = host_lengths[row]
             self.occupants.append(sequence)
-            slots.append(sequence.slot)
-            self.cache.store(sequence.slot, keys[:, row, :, :host_lengths[row]], values[:, row, :, :host_lengths[row]])
-        index = torch.tensor(slots, device=hidden.device)
+        new = slice(first_slot, first_slot + len(sequences))
         step = self._step
-        step.tokens.index_copy_(0, index, first)
-        step.positions.index_copy_(0, index, lengths.to(step.positions.dtype))
-        step.rope_offsets.index_copy_(0, index, offsets.to(step.rope_offsets.dtype))
+        step.tokens[new].copy_(first)
+        step.positions[new].copy_(last + 1)
+        step.rope_offsets[new].copy_(self._to_device(torch.tensor([s.inputs.rope_offset for s in sequences])))
         return first.tolist()
 
-    def decode(self, sequences: list[Sequence]) -> list[int]:
-        """One greedy step for every occupied slot; ``sequences`` must be exactly the occupants. Returns
-        their new tokens in the order given, with a single device-to-host copy."""
+    def decode(self, sequences: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """One greedy step for every occupied slot; ``sequences`` must be exactly the occupants. Returns the
+        rows that got a token, with it, from a single device-to-host copy.
+
+        With ``overlap`` (CUDA), the next step is launched before this one's tokens are read, so the device
+        computes step t+1 while the host runs stop rules and streaming for step t. A row that stops at step t
+        has computed one token more, inside its own slot, which is never read; a row admitted meanwhile gets
+        its first step's token at the next call."""
         if len(sequences) != len(self.occupants):
             raise RuntimeError(f"decode of {len(sequences)} sequences, {len(self.occupants)} slots occupied")
-        longest = max(sequence.position for sequence in self.occupants) + 1  # eager SDPA reads no further
-        tokens = self._run_step(len(self.occupants), longest).tolist()
-        for sequence in self.occupants:
-            sequence.position += 1
-        return [tokens[sequence.slot] for sequence in sequences]
+        if not self.overlap:
+            return self._collect(self._launch())
+        if self._in_flight is None or not any(row.slot is not None for row in self._in_flight.rows):
+            self._in_flight = self._launch()
+        ready, self._in_flight = self._in_flight, self._launch()
+        return self._collect(ready)
+
+    def _launch(self) -> "LaunchedStep":
+        rows = list(self.occupants)  # rows[i] is in slot i while the step runs
+        longest = max(sequence.position for sequence in rows) + 1  # eager SDPA reads no further
+        tokens = self._run_step(len(rows), longest)
+        self._host_index ^= 1  # two host buffers: one being read while the next step's copy is queued
+        host = self._host_tokens[self._host_index][:len(rows)]
+        host.copy_(tokens, non_blocking=True)
+        done = None
+        if tokens.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        for sequence in rows:
+            sequence.position += 1  # the device's position: compaction copies what this step writes too
+        return LaunchedStep(rows, host, done)
+
+    @staticmethod
+    def _collect(step: "LaunchedStep") -> list[tuple[Sequence, int]]:
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.host.tolist()
+        return [(sequence, token) for sequence, token in zip(step.rows, tokens) if sequence.slot is not None]
 
     def free(self, sequence: Sequence) -> None:
         """Give its slot back; the last occupant moves into it, so occupied slots stay 0..n-1."""
@@ -281,6 +332,7 @@ class Engine:
 
     def release_all(self) -> None:
         """Forget every occupant (after a device error failed them all)."""
+        self._in_flight = None
         for sequence in self.occupants:
             sequence.slot = None
         self.occupants.clear()

@@ -32,6 +32,10 @@ class PreparedInputs:
     tensors: dict[str, Any]
     prompt_tokens: int
     image_tokens: int
+    # M-RoPE positions of the prompt's tokens ``[3, prompt_tokens]`` and where generated text continues from
+    # them (its position minus its index), worked out on the CPU before the model thread sees the request.
+    rope_positions: Any = None
+    rope_offset: int = 0
 
 
 @dataclass(frozen=True)

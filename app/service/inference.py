@@ -134,7 +134,7 @@ class InferenceService:
 
     def __init__(self, settings: Settings, engine_factory: Callable[[], Engine] | None = None):
         self.settings = settings
-        self.runner = Runner(settings.max_queue, settings.prefill_token_budget)
+        self.runner = Runner(settings.max_queue, settings.prefill_token_budget, settings.decoding_prefill_token_budget)
         for warning in removed_settings_in(dict(os.environ)):
             logger.warning(warning)
         # Tests inject a fake factory where HTTP behaviour, not the model, is the point.

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from app.errors import DeadlineExceededError, ModelLoadError, NotReadyError, OverloadedError, one_line
-from app.model.scheduler import DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler
+from app.model.scheduler import DEFAULT_DECODING_PREFILL_TOKEN_BUDGET, DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler
 from app.model.sequence import GenerationResult, PreparedInputs, Sequence
 
 logger = logging.getLogger(__name__)
@@ -66,32 +66,54 @@ class Ticket:
             self._runner._pending -= 1
 
 
+class Mailbox:
+    """What the model thread hands the event loop, sent once per scheduler step: one wake-up of the loop for
+    every row's tokens and outcomes of that step, not one per token per row (at 32 streaming rows, the loop's
+    self-pipe writes cost more host time than the rest of the step). Kept in order, so a row's tokens land
+    before its outcome."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._items: list[tuple[Callable[[Any], None], Any]] = []
+
+    def post(self, callback: Callable[[Any], None], item: Any) -> None:  # the model thread
+        self._items.append((callback, item))
+
+    def flush(self) -> None:  # the model thread, after each step
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        try:
+            self._loop.call_soon_threadsafe(_deliver_all, items)
+        except RuntimeError:  # the event loop is closed (shutting down): nobody is waiting any more
+            pass
+
+
+def _deliver_all(items: list[tuple[Callable[[Any], None], Any]]) -> None:
+    for callback, item in items:
+        callback(item)
+
+
 class Delivery:
     """What the model thread hands one waiting request: its tokens as they come (streaming requests only),
     then its result or an error. Holds at most the request's max_new_tokens tokens, and they are taken away
     at every ``take``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self, mailbox: Mailbox):
+        self._mailbox = mailbox
         self._tokens: list[int] = []
         self.outcome: GenerationResult | BaseException | None = None
         self._arrived = asyncio.Event()
 
-    # --- the model thread: in order, through the event loop, so every token lands before the outcome ---
+    # --- the model thread: in order, through the mailbox, so every token lands before the outcome ---
     def token(self, token: int) -> None:
-        self._post(self._add_token, token)
+        self._mailbox.post(self._add_token, token)
 
     def finish(self, result: GenerationResult) -> None:
-        self._post(self.end, result)
+        self._mailbox.post(self.end, result)
 
     def fail(self, error: BaseException) -> None:
-        self._post(self.end, error)
-
-    def _post(self, callback: Callable[[Any], None], item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback, item)
-        except RuntimeError:  # the event loop is closed (shutting down): nobody is waiting any more
-            pass
+        self._mailbox.post(self.end, error)
 
     # --- the event loop ---------------------------------------------------------------------------
     def _add_token(self, token: int) -> None:
@@ -131,9 +153,10 @@ class Runner:
     a burst sheds load instead of piling up memory and latency.
     """
 
-    def __init__(self, max_queue: int, prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET):
+    def __init__(self, max_queue: int, prefill_token_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+                 decoding_prefill_token_budget: int = DEFAULT_DECODING_PREFILL_TOKEN_BUDGET):
         self.max_queue = max_queue
-        self.prefill_token_budget = prefill_token_budget
+        self.prefill_budgets = (prefill_token_budget, decoding_prefill_token_budget)
         self._inbox: queue.Queue = queue.Queue()  # bounded by admission: max_queue + slots
         self.state = ModelState.loading
         self.phase: str | None = "starting"  # what the load is doing now, for /health
@@ -146,6 +169,7 @@ class Runner:
         self._lock = threading.Lock()  # _waiting changes on both threads
         self._deliveries: dict[Delivery, Sequence] = {}  # requests waiting for the model thread's answer
         self._abort_error: BaseException | None = None
+        self._mailbox: Mailbox | None = None  # made with the event loop, in load()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     @property
@@ -173,6 +197,7 @@ class Runner:
         """Build the engine on the model thread (and await ``alongside`` meanwhile); flip to ready or
         failed. Never raises."""
         started = time.perf_counter()
+        self._mailbox = Mailbox(asyncio.get_running_loop())
         try:
             loading = asyncio.get_running_loop().run_in_executor(self._executor, load_engine)
             engine, *_ = await asyncio.gather(loading, *alongside)
@@ -185,7 +210,7 @@ class Runner:
         finally:
             self.phase = None
         self.engine = engine
-        self.scheduler = Scheduler(engine, self.prefill_token_budget)
+        self.scheduler = Scheduler(engine, *self.prefill_budgets)
         self._executor.submit(self._serve)
         self.load_time_s = time.perf_counter() - started
         if self.state == ModelState.loading:
@@ -238,7 +263,7 @@ class Runner:
         if self._abort_error is not None:
             raise self._abort_error
         loop = asyncio.get_running_loop()
-        delivery = Delivery(loop)
+        delivery = Delivery(self._mailbox)
         counted = threading.Lock()  # taken once, by whichever comes first: its start (model thread) or its end
 
         def left_queue() -> None:
@@ -292,6 +317,8 @@ class Runner:
             except Exception as error:  # a bug outside the engine calls: fail what it holds, keep the thread
                 logger.exception("scheduler step failed")
                 scheduler.fail_all(error)
+            finally:
+                self._mailbox.flush()
 
     def begin_drain(self) -> None:
         if self.state in (ModelState.ready, ModelState.loading):
