@@ -62,8 +62,11 @@ class FakeEngine:
     def control_tokens_in(self, prompt: str) -> list[str]:
         return [token for token in ("<|image_pad|>",) if token in prompt]
 
-    def prepare(self, image, prompt) -> PreparedInputs:
+    def prepare(self, image, prompt, system=None) -> PreparedInputs:
         return PreparedInputs({}, prompt_tokens=10, image_tokens=4)
+
+    def sampler(self, inputs, sampling, json_format=None):
+        return None  # the fake's tokens are scripted: nothing to sample
 
     def prefill(self, sequences) -> list[int]:
         self.prefills += 1

@@ -238,7 +238,7 @@ def test_oversized_chunked_upload_is_413():
 
 
 class FailingPrepare(FakeEngine):
-    def prepare(self, image, prompt):
+    def prepare(self, image, prompt, system=None):
         raise RuntimeError("processor bug")
 
 

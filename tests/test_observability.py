@@ -154,7 +154,7 @@ def test_library_records_are_json_lines_printed_once(capfd):
 class ExplodingEngine(FakeEngine):
     """Fails the decoding step of a request whose prompt is "explode", as a device error would."""
 
-    def prepare(self, image, prompt) -> PreparedInputs:
+    def prepare(self, image, prompt, system=None) -> PreparedInputs:
         return PreparedInputs({"explode": prompt == "explode"}, prompt_tokens=10, image_tokens=4)
 
     def decode(self, sequences) -> list[tuple]:

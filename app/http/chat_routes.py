@@ -16,19 +16,21 @@ from app.errors import InvalidRequestError, ModelNotFoundError
 from app.http.envelope import EnvelopedRoute, error_responses
 from app.service.chat import completion, list_models, retrieve_model, served_model_id, start_chat_completion
 from app.service.chat_schemas import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, OpenAIErrorResponse
+from app.service.schemas import InferResponse
 
 router = APIRouter(prefix="/v1", route_class=EnvelopedRoute, tags=["openai"])
 
 _DESCRIPTIONS = {
-    400: "Invalid request: not one user message with one image, a sampling option that greedy decoding cannot "
-         "honour (temperature, top_p, n, stop, ...), a remote image URL on a host not in ALLOWED_IMAGE_HOSTS or "
-         "that could not be fetched, an undecodable image, max_completion_tokens over MAX_NEW_TOKENS",
+    400: "Invalid request: not system messages then one user message with one image, a parameter this service "
+         "does not implement (n > 1, stop, logprobs, tools, ...) or does not know, a JSON schema that cannot be "
+         "compiled, a remote image URL on a host not in ALLOWED_IMAGE_HOSTS or that could not be fetched, an "
+         "undecodable image",
     404: "The model named is not the one this service serves (GET /v1/models)",
 }
 
 
 _EXAMPLES = {
-    400: InvalidRequestError("temperature: decoding is greedy; temperature must be 0 or absent", param="temperature"),
+    400: InvalidRequestError("log probabilities are not supported", param="logprobs"),
     404: ModelNotFoundError("no model 'gpt-4o' here; this service serves 'qwen3-vl-2b-diagrams'", param="model"),
 }
 
@@ -41,11 +43,15 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     "/chat/completions",
     response_model=ChatCompletion,
     summary="OpenAI-compatible: the table of a diagram sent as an image_url, whole or streamed",
-    description="One user message with one `image_url` part (a base64 `data:` URL, or an http(s) URL on a host in "
-    "`ALLOWED_IMAGE_HOSTS`) and optional text parts (the instruction; empty = the default). Decoding is greedy. "
-    "`stream: true` answers with server-sent events, token by token. Besides OpenAI's fields, the answer carries "
-    "`rows`, `table` and `table_error` (the parsed table) and `details` (timings and sizes, as POST /infer's "
-    "`metadata`).",
+    description="Optional system (or developer) messages, then one user message with one `image_url` part (a "
+    "base64 `data:` URL, or an http(s) URL on a host in `ALLOWED_IMAGE_HOSTS`; an image, a PDF, an SVG or a BPMN "
+    "file, which is answered from its XML) and optional text parts (the instruction; empty = the default). "
+    "Decoding is greedy unless `temperature` > 0 (then `top_p`, `top_k`, `seed` apply); `frequency_penalty`, "
+    "`presence_penalty` and `repetition_penalty` apply either way. `response_format` `json_object` or "
+    "`json_schema` decodes under a grammar, so the answer is valid JSON (for the schema). `max_tokens` above "
+    "MAX_NEW_TOKENS is MAX_NEW_TOKENS. `stream: true` answers with server-sent events, token by token. Besides "
+    "OpenAI's fields, the answer carries `rows`, `table` and `table_error` (the parsed table) and `details` "
+    "(timings and sizes, as POST /infer's `metadata`).",
     operation_id="create_chat_completion",
     openapi_extra=json_request_body(ChatCompletionRequest),
     responses={**_errors(400, 401, 404, 408, 413, 415, 500, 503, 504),
@@ -58,7 +64,10 @@ async def create_chat_completion(request: Request, service: ServiceDep) -> Any:
         request, start_chat_completion(service, body, request.state.ticket))
     if chat.stream:
         return EventStreamResponse(ChunkStream(service, chat, prepared).events())
-    response = await until_disconnect(request, service.complete(prepared))
+    if isinstance(prepared, InferResponse):  # a BPMN file, answered from its XML
+        response = prepared
+    else:
+        response = await until_disconnect(request, service.complete(prepared))
     note_answer(response.metadata)
     return completion(response, served_model_id(service))
 

@@ -27,9 +27,10 @@ logger = logging.getLogger(__name__)
 class ChunkStream:
     """The server-sent events of one streamed completion."""
 
-    def __init__(self, service: InferenceService, request: ChatCompletionRequest, prepared: PreparedRequest):
+    def __init__(self, service: InferenceService, request: ChatCompletionRequest,
+                 prepared: PreparedRequest | InferResponse):
         self.service = service
-        self.prepared = prepared
+        self.prepared = prepared  # an InferResponse already: a BPMN file, answered from its XML
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.model_id = served_model_id(service)
         self.id = f"chatcmpl-{current_request_id()}"
@@ -38,6 +39,13 @@ class ChunkStream:
     async def events(self) -> AsyncIterator[str]:
         """Role first, then content as it is generated, then finish_reason with the parsed table, the usage if
         asked, and [DONE]. An error after the first byte can only be an event: OpenAI's SDKs raise it."""
+        if isinstance(self.prepared, InferResponse):
+            yield self._chunk(Delta(role="assistant", content=""))
+            note_answer(self.prepared.metadata)
+            yield self._chunk(Delta(content=self.prepared.description))
+            yield self._last_chunks(self.prepared)
+            yield "data: [DONE]\n\n"
+            return
         text = IncrementalText(self.prepared.engine.decode_tokens)
         try:
             yield self._chunk(Delta(role="assistant", content=""))

@@ -19,9 +19,10 @@ from app.errors import (
 )
 from app.http.dependencies import JobsDep
 from app.http.envelope import EnvelopedRoute, error_responses
-from app.http.routes import INFER_FIELDS, TABLE_FORMATS, check_form_parts, pages_asked
+from app.http.routes import INFER_FIELDS, TABLE_FORMATS, check_form_parts, json_format_field, pages_asked
+from app.model.grammar import MAX_SCHEMA_CHARS
 from app.pipeline.bpmn import looks_like_bpmn
-from app.pipeline.imaging import ACCEPTED_TEXT, sniff_format
+from app.pipeline.imaging import ACCEPTED_TEXT, UNSUPPORTED_FILE, sniff_format
 from app.pipeline.pages import first_page
 from app.service.chat_schemas import PROMPT_MAX_CHARS
 from app.service.inference import check_bpmn_pages
@@ -93,17 +94,19 @@ async def create_job(
     callback_url: Annotated[str, Form(max_length=2048, description="POSTed the job's status JSON when it ends "
                                       "(retried with backoff; signed with X-VLM-Signature when the service has "
                                       "JOB_CALLBACK_SECRET); its host must be in JOB_CALLBACK_HOSTS")] = "",
+    json_schema: Annotated[str, Form(max_length=MAX_SCHEMA_CHARS, description="as in POST /infer")] = "",
 ) -> JobStatus:
     check_form_parts(await request.form(), JOB_FIELDS)
+    wanted = json_format_field(json_schema)
     params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": pages_asked(page, pages),
-              "format": format or "json"}
+              "format": format or "json", "json_schema": wanted.schema if wanted else None}
     data = await file.read()
     # What can be told without the model is told now, not as a failed job later.
     first_page(params["pages"])
     if looks_like_bpmn(data):
         check_bpmn_pages(1, params["pages"])
     elif sniff_format(data) is None:
-        raise UnsupportedMediaError(f"not a supported file: accepted formats are {ACCEPTED_TEXT}, and BPMN XML")
+        raise UnsupportedMediaError(UNSUPPORTED_FILE)
     status = _status(request, await jobs.service.submit(params, data, callback_url.strip() or None))
     response.headers["Location"] = status.status_url
     return status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any, Literal
 
@@ -15,6 +16,7 @@ from app.http.dependencies import JobsDep, ServiceDep
 from app.http.disconnect import until_disconnect
 from app.http.envelope import EnvelopedRoute, error_responses
 from app.metrics import wants_prometheus
+from app.model.grammar import MAX_SCHEMA_CHARS, JsonFormat
 from app.pipeline.imaging import ACCEPTED_TEXT
 from app.pipeline.table import to_csv, to_markdown
 from app.request_context import current_request_id
@@ -32,7 +34,8 @@ router = APIRouter(route_class=EnvelopedRoute)
     summary="Extract the steps and roles of a process diagram as a markdown table",
     description=f"Upload a diagram as multipart field `file`. Accepted formats: {ACCEPTED_TEXT}; and BPMN 2.0 XML, "
     "answered from the XML itself without the model. `pages` reads several pages of a PDF or TIFF at once. "
-    "Greedy decoding: the same image and prompt give the same table.",
+    "Greedy decoding: the same image and prompt give the same table. `json_schema` asks for JSON matching a "
+    "schema instead of the table.",
     operation_id="infer_diagram",
     tags=["inference"],
     responses={**error_responses(400, 401, 408, 413, 415, 422, 500, 503, 504),
@@ -54,11 +57,13 @@ async def infer_diagram(
                                "more than one adds a pages list and joins the rows")] = "1",
     format: Annotated[Literal["json", "markdown", "csv"] | None,
                       Form(description="json (default), markdown or csv (just the table); or use Accept")] = None,
+    json_schema: Annotated[str, Form(max_length=MAX_SCHEMA_CHARS, description=JSON_SCHEMA_FIELD)] = "",
 ) -> Any:
     check_form_parts(await request.form())  # already parsed by FastAPI: no second read
     ticket = request.state.ticket
     data = await file.read()
-    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, pages=pages_asked(page, pages))
+    params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, pages=pages_asked(page, pages),
+                         json_format=json_format_field(json_schema))
     result = await until_disconnect(request, service.infer(data, params, ticket))
     note_answer(result.metadata)
     chosen = format or _format_from_accept(request.headers.get("accept", ""))
@@ -70,6 +75,23 @@ async def infer_diagram(
     return Response(render(result.table.columns, result.table.rows), media_type=media_type)
 
 
+JSON_SCHEMA_FIELD = ("a JSON schema: the answer (description) is decoded under a grammar built from it, so it is "
+                     "JSON valid for the schema, with no markdown table; empty = the usual table")
+
+
+def json_format_field(text: str) -> JsonFormat | None:
+    """The json_schema form field: empty, or a JSON object (a schema; whether it compiles is told later)."""
+    if not text.strip():
+        return None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequestError(f"json_schema is not valid JSON: {error}", param="json_schema") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("json_schema must be a JSON object (a JSON schema)", param="json_schema")
+    return JsonFormat(schema)
+
+
 def pages_asked(page: int, pages: str) -> str:
     """The one pages spec of a form that may say ``page`` (the older field) or ``pages``."""
     if page != 1 and pages.strip() != "1":
@@ -77,7 +99,7 @@ def pages_asked(page: int, pages: str) -> str:
     return str(page) if page != 1 else pages
 
 
-INFER_FIELDS = frozenset({"file", "prompt", "max_new_tokens", "page", "pages", "format"})
+INFER_FIELDS = frozenset({"file", "prompt", "max_new_tokens", "page", "pages", "format", "json_schema"})
 
 
 def check_form_parts(form: FormData, fields: frozenset[str] = INFER_FIELDS) -> None:

@@ -18,8 +18,10 @@ from app.model.cuda_graphs import BucketedStep, GraphedDecodeStep
 from app.model.decode_paths import DecodePath, candidate_paths, check_decoding
 from app.model.decode_step import DecodeStep
 from app.model.fusion import fuse_layers
+from app.model.grammar import Grammars, JsonFormat
 from app.model.kvcache import CacheShape, SlotKVCache
 from app.model.loader import LoadedModel
+from app.model.sampling import RowSampler, SamplingParams
 from app.model.sequence import GenerationResult, PreparedInputs, Sequence, StopRules
 from app.pipeline.imaging import VisionGeometry
 from app.pipeline.repetition import RepetitionGuard
@@ -98,6 +100,7 @@ class Engine:
         eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.stop_rules = StopRules(eos_ids, force_max_new_tokens, repetition_guard)
         self.pad_token_id = self.processor.tokenizer.pad_token_id
+        self.grammars = Grammars(self.processor.tokenizer, self.model.lm_head.weight.shape[0], sorted(eos_ids))
         # In a prompt these would be read as structure, not text: an image placeholder breaks the processor's
         # count of image tokens, a turn marker rewrites the conversation.
         self.control_tokens = tuple(self.processor.tokenizer.all_special_tokens)
@@ -136,15 +139,16 @@ class Engine:
     def control_tokens_in(self, prompt: str) -> list[str]:
         return [token for token in self.control_tokens if token in prompt]
 
-    def prepare(self, image: Image.Image, prompt: str) -> PreparedInputs:
-        """One request's unpadded model inputs (chat template, token ids, image patches), on the CPU.
+    def prepare(self, image: Image.Image, prompt: str, system: str | None = None) -> PreparedInputs:
+        """One request's unpadded model inputs (chat template, token ids, image patches), on the CPU;
+        ``system``, when given, is the chat template's system turn.
 
         Safe to call from any thread. The service calls it before queueing, so one request's preprocessing
         neither holds up the model thread nor, if it fails, the other rows."""
-        text = self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-            add_generation_prompt=True, tokenize=False,
-        )
+        turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if system:
+            turns.insert(0, {"role": "system", "content": system})  # a string: every Qwen template takes it
+        text = self.processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text], images=[image], return_tensors="pt")
         image_tokens = int(inputs["image_grid_thw"].prod(dim=-1).sum()) // self._merge
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -164,6 +168,15 @@ class Engine:
         positions = positions[:, 0]  # [3, prompt_tokens]
         return PreparedInputs(tensors, prompt_tokens, image_tokens, rope_positions=positions,
                               rope_offset=int(positions.max()) + 1 - prompt_tokens)
+
+    def sampler(self, inputs: PreparedInputs, sampling: SamplingParams,
+                json_format: JsonFormat | None = None) -> RowSampler | None:
+        """How a request picks its tokens when not plain greedy (None when it is). Compiles its grammar (cached
+        per schema), so call it where ``prepare`` is called, off the model thread. GrammarError: unusable schema."""
+        if sampling.is_greedy and json_format is None:
+            return None
+        matcher = self.grammars.matcher(self.grammars.compile(json_format)) if json_format is not None else None
+        return RowSampler(sampling, inputs.tensors["input_ids"], matcher)
 
     def decode_tokens(self, tokens: list[int]) -> str:
         """Text of some generated tokens, as they are (streaming decodes the answer piece by piece with it)."""
@@ -263,7 +276,11 @@ class Engine:
         writer = self.cache.writer(first_slot, self.model.config.text_config)
         hidden = self.model.model(**batch, position_ids=position_ids, cache=writer, use_cache=True).last_hidden_state
         last = self._to_device(torch.tensor(host_lengths)) - 1
-        first = self.model.lm_head(hidden[torch.arange(len(sequences), device=hidden.device), last]).argmax(dim=-1)
+        logits = self.model.lm_head(hidden[torch.arange(len(sequences), device=hidden.device), last])
+        first = logits.argmax(dim=-1)
+        for row, sequence in enumerate(sequences):
+            if sequence.sampler is not None:
+                first[row] = sequence.sampler.choose(logits[row], [])
         for row, sequence in enumerate(sequences):
             sequence.slot = first_slot + row
             sequence.position = host_lengths[row]
@@ -285,12 +302,27 @@ class Engine:
         its first step's token at the next call."""
         if len(sequences) != len(self.occupants):
             raise RuntimeError(f"decode of {len(sequences)} sequences, {len(self.occupants)} slots occupied")
+        choosing = [sequence for sequence in self.occupants if sequence.sampler is not None]
+        if self._in_flight is not None and choosing:  # launched before they came: hand it over, then wait
+            ready, self._in_flight = self._in_flight, None
+            return self._collect(ready)
+        if choosing:  # their tokens are picked on the host side and fed to the next step: no running ahead
+            return self._choose(self._collect(self._launch()), choosing)
         if not self.overlap:
             return self._collect(self._launch())
         if self._in_flight is None or not any(row.slot is not None for row in self._in_flight.rows):
             self._in_flight = self._launch()
         ready, self._in_flight = self._in_flight, self._launch()
         return self._collect(ready)
+
+    def _choose(self, advanced: list[tuple[Sequence, int]], choosing: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Replace the step's argmax for rows that sample or follow a grammar, in the step's token buffer too
+        (the next step feeds on it)."""
+        logits, tokens = self._step.logits, self._step.tokens
+        chosen = {sequence: sequence.sampler.choose(logits[sequence.slot], sequence.tokens) for sequence in choosing}
+        for sequence, token in chosen.items():
+            tokens[sequence.slot] = token
+        return [(sequence, chosen.get(sequence, token)) for sequence, token in advanced]
 
     def _launch(self) -> "LaunchedStep":
         rows = list(self.occupants)  # rows[i] is in slot i while the step runs

@@ -55,6 +55,8 @@ class StopRules:
             return "length" if count >= sequence.max_new_tokens else None
         if count and sequence.tokens[-1] in self.eos_ids:
             return "stop"
+        if sequence.sampler is not None and sequence.sampler.finished:  # its grammar is complete
+            return "stop"
         if count >= sequence.max_new_tokens:
             return "length"
         if sequence.repetition is not None and sequence.repetition.tripped:
@@ -75,6 +77,7 @@ class Sequence:
     on_start: Callable[[], None] = lambda: None  # it got a KV slot: no longer waiting
     on_token: Callable[[int], None] | None = None  # each new token, as it comes (streaming requests only)
     background: bool = False  # a job's: synchronous requests take free slots first
+    sampler: Any = None  # sampling.RowSampler when it does not decode plain greedy (sampling, a grammar)
     tokens: list[int] = field(default_factory=list)
     slot: int | None = None  # the engine's KV slot while it decodes
     position: int = 0  # index in its slot where the next input token's keys and values go

@@ -20,6 +20,8 @@ from app.pipeline import svg
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PDF", "SVG")
 ACCEPTED_TEXT = ", ".join(ACCEPTED_FORMATS)
+UNSUPPORTED_FILE = (f"not a supported file: accepted formats are {ACCEPTED_TEXT}, and BPMN 2.0 XML (UTF-8, UTF-16 "
+                    "or any declared encoding)")
 MAX_ASPECT_RATIO = 200  # the Qwen-VL processors refuse anything more extreme
 _VECTOR_MAX_SCALE = 4.0  # 288 dpi: past that a PDF page or an SVG gains no legibility, only pixels
 _pdfium_lock = threading.Lock()  # pdfium is not thread-safe
@@ -220,7 +222,7 @@ def prepare_image(data: bytes, geometry: VisionGeometry, *, page: int = 1,
         raise InvalidImageError("the uploaded file is empty")
     fmt = sniff_format(data)
     if fmt is None:
-        raise UnsupportedMediaError(f"not a supported image: accepted formats are {ACCEPTED_TEXT}")
+        raise UnsupportedMediaError(UNSUPPORTED_FILE)
     if fmt == "PDF":
         image, pages, received = _render_pdf(data, page, geometry, max_decoded_pixels)
     elif page != 1 and fmt not in MULTI_PAGE_RASTERS:

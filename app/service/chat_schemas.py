@@ -38,7 +38,7 @@ ContentPart = Annotated[ImagePart | TextPart, Field(discriminator="type")]
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
 
 
@@ -46,49 +46,115 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="send a last chunk with the token usage")
 
 
-class ChatCompletionRequest(BaseModel):
-    """One user turn with one image of a diagram, and optionally the instruction as text."""
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
 
-    model_config = ConfigDict(extra="ignore")
+    name: str = Field(max_length=64, description="the schema's name (OpenAI requires one; not used otherwise)")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="the JSON schema the answer must match")
+    strict: bool | None = Field(None, description="true: no properties beyond the schema's (OpenAI's strict mode)")
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+
+
+class ChatCompletionRequest(BaseModel):
+    """System messages, then one user turn with one image of a diagram and optionally the instruction as text.
+
+    Every parameter of OpenAI's Chat Completions either takes effect or is refused with 400 naming it; an
+    unknown one is refused too (``request_problems``)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(description="the id from GET /v1/models")
-    messages: list[ChatMessage] = Field(min_length=1, description="exactly one user message: one image_url part "
-                                        "and optional text parts (the instruction; empty = the default)")
-    max_completion_tokens: int | None = Field(None, ge=1, description="cap on generated tokens, up to "
-                                              "MAX_NEW_TOKENS (default: MAX_NEW_TOKENS)")
+    messages: list[ChatMessage] = Field(min_length=1, description="optional system (or developer) messages, then "
+                                        "one user message: one image_url part and optional text parts (the "
+                                        "instruction; empty = the default)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="cap on generated tokens; above "
+                                              "MAX_NEW_TOKENS it is MAX_NEW_TOKENS (default)")
     max_tokens: int | None = Field(None, ge=1, description="older name of max_completion_tokens")
-    temperature: float | None = Field(None, ge=0, le=2, description="decoding is greedy: only 0 or absent")
-    top_p: float | None = Field(None, gt=0, le=1, description="decoding is greedy: only 1 or absent")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy (the default); above 0 "
+                                      "the answer is sampled")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, when sampling")
+    top_k: int | None = Field(None, ge=-1, description="extension (vLLM's): sample among the k most likely "
+                              "tokens; 0 or -1: all")
+    seed: int | None = Field(None, description="makes a sampled answer reproducible on the same device")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension (vLLM's): above 1 "
+                                             "discourages tokens of the prompt and of the answer so far")
+    response_format: ResponseFormat | None = Field(None, description="text (default), json_object, or "
+                                                   "json_schema: the answer is decoded under a grammar built from "
+                                                   "the schema, so it is valid JSON for it")
     n: int | None = Field(None, ge=1, description="only 1")
     stream: bool = Field(False, description="answer as server-sent events, token by token")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="not supported: the answer ends with its table")
+    # Refused when set (see request_problems): they would change the answer and are not implemented.
+    stop: str | list[str] | None = Field(None, description="not supported")
     logprobs: bool | None = Field(None, description="not supported")
+    top_logprobs: int | None = Field(None, description="not supported")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported")
-    response_format: dict[str, Any] | None = Field(None, description="only {\"type\": \"text\"}")
-    seed: int | None = Field(None, description="accepted and ignored: greedy decoding is deterministic")
-    user: str | None = Field(None, description="accepted and ignored")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="only \"none\"")
+    functions: list[dict[str, Any]] | None = Field(None, description="not supported")
+    function_call: str | dict[str, Any] | None = Field(None, description="only \"none\"")
+    audio: dict[str, Any] | None = Field(None, description="not supported")
+    modalities: list[str] | None = Field(None, description="only [\"text\"]")
+    prediction: dict[str, Any] | None = Field(None, description="not supported")
+    reasoning_effort: str | None = Field(None, description="not supported (not a reasoning model)")
+    verbosity: str | None = Field(None, description="not supported")
+    web_search_options: dict[str, Any] | None = Field(None, description="not supported")
+    store: bool | None = Field(None, description="only false: nothing is stored")
+    # Accepted without effect on the answer: they identify or tag the request, or hint at the serving tier.
+    user: str | None = Field(None, description="accepted; no effect on the answer")
+    safety_identifier: str | None = Field(None, description="accepted; no effect on the answer")
+    prompt_cache_key: str | None = Field(None, description="accepted; no effect on the answer")
+    prompt_cache_retention: str | None = Field(None, description="accepted; no effect on the answer")
+    prompt_cache_options: dict[str, Any] | None = Field(None, description="accepted; no effect on the answer")
+    metadata: dict[str, str] | None = Field(None, description="accepted; no effect on the answer")
+    service_tier: Literal["auto", "default"] | None = Field(None, description="accepted; one tier here")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; no tools here")
 
 
 def request_problems(request: ChatCompletionRequest) -> list[tuple[str, str]]:
-    """(param, message) for each sampling or output option this service does not honour."""
-    problems = []
-    if request.temperature not in (None, 0):
-        problems.append(("temperature", "decoding is greedy; temperature must be 0 or absent"))
-    if request.top_p not in (None, 1):
-        problems.append(("top_p", "decoding is greedy; top_p must be 1 or absent"))
+    """(param, message) for each parameter given that this service does not honour, and each unknown one."""
+    problems = [(name, f"unknown parameter: {name!r}") for name in sorted(request.model_extra or {})]
     if request.n not in (None, 1):
         problems.append(("n", "one choice per request; n must be 1 or absent"))
-    if request.stop:
-        problems.append(("stop", "stop sequences are not supported; the answer ends with its table"))
-    if request.logprobs:
-        problems.append(("logprobs", "log probabilities are not supported"))
-    if request.tools:
-        problems.append(("tools", "tools are not supported"))
-    if request.response_format and request.response_format.get("type") != "text":
-        problems.append(("response_format", "only the text response format is supported"))
+    refused = {
+        "stop": "stop sequences are not supported; the answer ends with its table",
+        "logprobs": "log probabilities are not supported",
+        "top_logprobs": "log probabilities are not supported",
+        "logit_bias": "logit_bias is not supported",
+        "tools": "tools are not supported",
+        "functions": "functions are not supported",
+        "audio": "audio output is not supported",
+        "prediction": "predicted outputs are not supported",
+        "reasoning_effort": "this model does not reason in a separate phase; reasoning_effort is not supported",
+        "verbosity": "verbosity is not supported",
+        "web_search_options": "web search is not supported",
+    }
+    present = {"top_logprobs", "audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"}
+    for param, message in refused.items():
+        value = getattr(request, param)
+        # For lists, maps and flags, empty or false changes nothing; web_search_options: {} turns search on.
+        if (value is not None) if param in present else bool(value):
+            problems.append((param, message))
+    for param in ("tool_choice", "function_call"):
+        if getattr(request, param) not in (None, "none"):
+            problems.append((param, f"{param} can only be \"none\": no tools here"))
+    if request.modalities not in (None, ["text"]):
+        problems.append(("modalities", 'the answer is text: modalities can only be ["text"]'))
+    if request.store:
+        problems.append(("store", "completions are not stored here; store can only be false"))
     if request.stream_options is not None and not request.stream:
         problems.append(("stream_options", "stream_options is only allowed with stream: true"))
+    formats = request.response_format
+    if formats is not None and formats.type == "json_schema" and formats.json_schema is None:
+        problems.append(("response_format", "response_format json_schema needs its json_schema: "
+                         '{"name": ..., "schema": {...}}'))
     return problems
 
 

@@ -19,7 +19,9 @@ from app.metrics import Metrics, cuda_in_use, gpu_memory_bytes
 from app.model.decode_paths import DECODE_MODES
 from app.model.device import Placement, resolve_placement
 from app.model.engine import Engine, EngineLimits, GenerationResult, PromptTooLongError, ServingDefaults
+from app.model.grammar import GrammarError, JsonFormat
 from app.model.loader import load_model
+from app.model.sampling import GREEDY, RowSampler, SamplingParams
 from app.model.scheduler import generate
 from app.model.sequence import PreparedInputs, Sequence
 from app.pipeline.bpmn import looks_like_bpmn, parse_bpmn
@@ -64,6 +66,9 @@ class InferParams:
     max_new_tokens: int | None = None
     page: int = 1  # the page this request's inputs are built from
     pages: str = "1"  # the pages asked for: "3", "2-4,7" or "all"
+    system: str | None = None  # the chat template's system turn (OpenAI system messages)
+    sampling: SamplingParams = GREEDY
+    json_format: JsonFormat | None = None  # structured output: the answer is JSON for this schema
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class PreparedRequest:
     ticket: Ticket
     ready_at: float
     deadline: float
+    sampler: RowSampler | None = None  # None: plain greedy
 
     def time_left_s(self) -> float:
         return max(self.deadline - time.perf_counter(), 0.001)
@@ -203,8 +209,11 @@ class InferenceService:
 
     async def run_job(self, data: bytes, params: dict, ticket: Ticket, progress: Progress) -> InferResponse:
         """A job's request, exactly as /infer would run it (its ticket is a background one)."""
+        schema = params.get("json_schema")  # jobs queued before json_schema existed have none
         return await self.infer(data, InferParams(prompt=params["prompt"], max_new_tokens=params["max_new_tokens"],
-                                                  pages=params["pages"]), ticket, progress)
+                                                  pages=params["pages"],
+                                                  json_format=JsonFormat(schema) if schema else None),
+                                ticket, progress)
 
     # --- inference -------------------------------------------------------------------------------
     async def prepare(self, data: bytes, params: InferParams, ticket: Ticket) -> PreparedRequest:
@@ -215,12 +224,12 @@ class InferenceService:
             prompt, max_new_tokens = self._request_options(engine, params)
             deadline = ticket.admitted_at + (ticket.timeout_s or self.settings.request_timeout_s)
             prepared = await self._decode(data, engine, params.page, deadline)
-            # Tokens and image patches here, in parallel with the steps the model thread is running.
-            inputs = await asyncio.to_thread(self._prepare, engine, prepared.image, prompt)
+            # Tokens, image patches and the grammar here, in parallel with the steps the model thread is running.
+            inputs, sampler = await asyncio.to_thread(self._prepare, engine, prepared.image, prompt, params)
             # Only the facts about the image go on: its pixels are in the inputs now, and a queued request should
             # not hold them twice.
             return PreparedRequest(engine, prepared.facts, inputs, max_new_tokens, ticket, time.perf_counter(),
-                                   deadline)
+                                   deadline, sampler)
 
     async def infer(self, data: bytes, params: InferParams, ticket: Ticket,
                     progress: Progress = _no_progress) -> InferResponse:
@@ -278,12 +287,17 @@ class InferenceService:
         """A BPMN file already holds its table: its tasks in flow order with their lanes, read from the XML
         itself. No model runs, so the answer is exact, and immediate."""
         check_bpmn_pages(params.page, params.pages)
+        if params.json_format is not None:
+            raise InvalidRequestError("a BPMN file is answered from its XML as a markdown table; a JSON schema "
+                                      "(json_schema, response_format) does not apply to it")
         rows = await asyncio.to_thread(parse_bpmn, data)  # a 20 MB XML is ~0.1 s: not on the event loop
         columns = ["№", "Наименование действия", "Роль"]
         table_rows = [[str(number), row.action, row.role] for number, row in enumerate(rows, start=1)]
         warnings = []
-        if (params.prompt and params.prompt.strip()) or params.max_new_tokens:
-            warnings.append("answered from the BPMN XML itself: prompt and max_new_tokens do not apply")
+        if (params.prompt and params.prompt.strip()) or params.max_new_tokens or params.system \
+                or not params.sampling.is_greedy:
+            warnings.append("answered from the BPMN XML itself: the prompt (system messages included), sampling and "
+                            "max_new_tokens do not apply")
         elapsed = time.perf_counter() - ticket.admitted_at
         self.prometheus.inference_duration.observe(elapsed)
         metadata = InferMetadata(
@@ -303,7 +317,7 @@ class InferenceService:
         """Generate the whole answer, then respond."""
         with self._accounted():
             result = await self.runner.generate(request.inputs, request.max_new_tokens, request.ticket,
-                                                timeout_s=request.time_left_s())
+                                                timeout_s=request.time_left_s(), sampler=request.sampler)
         return self.respond(request, result, count_request)
 
     async def stream(self, request: PreparedRequest) -> AsyncIterator[list[int] | GenerationResult]:
@@ -311,8 +325,9 @@ class InferenceService:
         iterator early (the client went away) stops the generation at the next step."""
         result: GenerationResult | None = None
         with self._accounted():
-            async with contextlib.aclosing(self.runner.stream(request.inputs, request.max_new_tokens,
-                                                              request.ticket, timeout_s=request.time_left_s())) as run:
+            async with contextlib.aclosing(self.runner.stream(request.inputs, request.max_new_tokens, request.ticket,
+                                                              timeout_s=request.time_left_s(),
+                                                              sampler=request.sampler)) as run:
                 async for item in run:
                     if isinstance(item, GenerationResult):
                         result = item
@@ -365,11 +380,14 @@ class InferenceService:
         metrics.finish_reasons.labels(result.finish_reason).inc()
 
     @staticmethod
-    def _prepare(engine: Engine, image, prompt: str):
+    def _prepare(engine: Engine, image, prompt: str, params: InferParams) -> tuple[PreparedInputs, RowSampler | None]:
         try:
-            return engine.prepare(image, prompt)
+            inputs = engine.prepare(image, prompt, params.system)
+            return inputs, engine.sampler(inputs, params.sampling, params.json_format)
         except PromptTooLongError as error:
             raise InvalidRequestError(str(error)) from None
+        except GrammarError as error:
+            raise InvalidRequestError(str(error), param="response_format") from None
 
     async def _decode(self, data: bytes, engine: Engine, page: int, deadline: float) -> PreparedImage:
         """Decode in a worker process, within the request's deadline."""
@@ -391,6 +409,10 @@ class InferenceService:
         if control:
             raise InvalidRequestError(f"the prompt contains {control[0]}, one of the model's control tokens; "
                                       "remove it (the image is inserted by the service)")
+        control = engine.control_tokens_in(params.system or "")
+        if control:
+            raise InvalidRequestError(f"the system message contains {control[0]}, one of the model's control "
+                                      "tokens; remove it (the service writes the chat turns)", param="messages")
         return prompt, max_new_tokens
 
     def _metadata(self, engine: Engine, prepared: ImageFacts, result: GenerationResult, total_s: float,

@@ -242,24 +242,25 @@ class Runner:
         return ticket
 
     async def generate(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, *,
-                       timeout_s: float) -> GenerationResult:
+                       timeout_s: float, sampler: Any = None) -> GenerationResult:
         """Queue one sequence for the model thread and wait for its result. Past ``timeout_s``, or if the
-        caller is cancelled (client disconnect), its cancel flag is set: it leaves its slot at the next step."""
-        async with contextlib.aclosing(self._run(inputs, max_new_tokens, ticket, timeout_s, streaming=False)) as run:
+        caller is cancelled (client disconnect), its cancel flag is set: it leaves its slot at the next step.
+        ``sampler``: how it picks its tokens when not plain greedy (Engine.sampler)."""
+        async with contextlib.aclosing(self._run(inputs, max_new_tokens, ticket, timeout_s, False, sampler)) as run:
             async for item in run:
                 if isinstance(item, GenerationResult):
                     return item
         raise AssertionError("a generation ended without a result")  # _run always ends with one or raises
 
     def stream(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, *,
-               timeout_s: float) -> AsyncIterator[list[int] | GenerationResult]:
+               timeout_s: float, sampler: Any = None) -> AsyncIterator[list[int] | GenerationResult]:
         """Like ``generate``, but yields the new tokens as they come (those that arrived since the last yield,
         so a slow reader never holds up the model thread) and then the result. Closing the iterator early
         stops the generation at the next step."""
-        return self._run(inputs, max_new_tokens, ticket, timeout_s, streaming=True)
+        return self._run(inputs, max_new_tokens, ticket, timeout_s, True, sampler)
 
     async def _run(self, inputs: PreparedInputs, max_new_tokens: int, ticket: Ticket, timeout_s: float,
-                   streaming: bool) -> AsyncIterator[list[int] | GenerationResult]:
+                   streaming: bool, sampler: Any) -> AsyncIterator[list[int] | GenerationResult]:
         if self._abort_error is not None:
             raise self._abort_error
         loop = asyncio.get_running_loop()
@@ -272,7 +273,7 @@ class Runner:
 
         sequence = Sequence(inputs, max_new_tokens, on_start=left_queue, on_done=delivery.finish,
                             on_error=delivery.fail, on_token=delivery.token if streaming else None,
-                            background=ticket.background)
+                            background=ticket.background, sampler=sampler)
         deadline = loop.time() + timeout_s
         self._deliveries[delivery] = sequence
         self._inbox.put(sequence)
