@@ -11,6 +11,10 @@ that the served step's logits equal the eager step's at the same positions, up t
 
     python bench/gpu_check.py                                   # CUDA, full size (bench/gpu_check.sh)
     python bench/gpu_check.py --device cpu --model tiny         # the logic, on the CPU (figures meaningless)
+    python bench/gpu_check.py --device cpu --config bench/qwen3_vl_small_config.json    # the 2B's heads, 2 layers
+
+A run that raises is recorded with its error (and its traceback printed) and the next one still runs.
+--save-model DIR saves the full-size model it built, for bench/serve_bench.py --model-dir DIR (built once).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,7 +34,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor  # noqa: E402
+from random_model import (FULL_SIZE_CONFIG, build_config, build_model, save_for_service,  # noqa: E402
+                          set_generation_ids, tokenizer_and_processor)
 
 from app.model.decode_paths import ALL_PATHS, candidate_paths, check_decoding  # noqa: E402
 from app.model.device import Placement  # noqa: E402
@@ -50,17 +56,21 @@ def diagram(width: int = 1024, height: int = 768) -> Image.Image:
     return image
 
 
-def load(model_kind: str, device: str, dtype: torch.dtype) -> LoadedModel:
+def load(model_kind: str, device: str, dtype: torch.dtype, config: Path = FULL_SIZE_CONFIG,
+         save_to: Path | None = None) -> LoadedModel:
     tokenizer, processor = tokenizer_and_processor()
     if model_kind == "full":
-        model = build_model(build_config(FULL_SIZE_CONFIG, tokenizer), dtype=dtype)
+        model = build_model(build_config(config, tokenizer), dtype=dtype)
     else:
         from app.demo import build_model as build_tiny
 
         model = build_tiny(tokenizer).to(dtype)
+    set_generation_ids(model, tokenizer)
+    if save_to is not None:
+        started = time.perf_counter()
+        save_for_service(model, processor, save_to)
+        print(f"saved for serve_bench in {time.perf_counter() - started:.1f} s: {save_to}", flush=True)
     model = model.to(device).eval()
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, processor, Placement(device, dtype), f"qwen3-vl-{model_kind}-random", None)
 
 
@@ -109,11 +119,12 @@ def run_hf_generate(loaded: LoadedModel, engine: Engine, new_tokens: int, image:
 
 
 def graph_matches_eager(engine: Engine, image: Image.Image, steps: int, checkpoints: set[int]) -> list[dict]:
-    """Prefill 3 rows, advance them with the captured step, and at each checkpoint run that step twice from the
-    same state, replayed and eager: their logits must agree (bf16 tolerance)."""
+    """Prefill 3 rows (fewer if the engine has fewer slots), advance them with the captured step, and at each
+    checkpoint run that step twice from the same state, replayed and eager: their logits must agree (bf16
+    tolerance)."""
     step, replay = engine._step, engine._run_step
     eager = step.run
-    sequences = [Sequence(engine.prepare(image, f"{PROMPT} {i}"), steps + 8) for i in range(3)]
+    sequences = [Sequence(engine.prepare(image, f"{PROMPT} {i}"), steps + 8) for i in range(min(3, engine.max_rows))]
     engine.prefill(sequences)
     rows, report = len(sequences), []
     for index in range(1, steps + 1):
@@ -140,10 +151,18 @@ def graph_matches_eager(engine: Engine, image: Image.Image, steps: int, checkpoi
 
 
 def print_rows(rows: list[dict]) -> None:
-    print("| " + " | ".join(rows[0]) + " |\n|" + "---:|" * len(rows[0]), flush=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print("| " + " | ".join(columns) + " |\n|" + "---:|" * len(columns), flush=True)
     for row in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |",
-              flush=True)
+        cells = (row.get(column, "") for column in columns)
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells) + " |", flush=True)
+
+
+def failure(error: BaseException) -> str:
+    """An error in one line, its traceback printed: a failed run shows why, and the next still runs."""
+    traceback.print_exc()
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def main() -> int:
@@ -156,13 +175,20 @@ def main() -> int:
     parser.add_argument("--eager-tokens", type=int, default=32, help="eager and hf-generate runs (slow)")
     parser.add_argument("--check-steps", type=int, default=300, help="0 skips the graph-vs-eager check")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--config", type=Path, default=FULL_SIZE_CONFIG,
+                        help="--model full: the architecture built with random weights (default: Qwen3-VL-2B's)")
+    parser.add_argument("--save-model", type=Path, default=None,
+                        help="--model full: also save the built model here for serve_bench.py --model-dir")
     args = parser.parse_args()
     device = args.device
     assert device == "cpu" or torch.cuda.is_available(), "needs CUDA (or --device cpu)"
     dtype = torch.bfloat16 if device == "cuda" or args.model == "full" else torch.float32
     started = time.perf_counter()
-    loaded = load(args.model, device, dtype)
+    loaded = load(args.model, device, dtype, args.config, args.save_model if args.model == "full" else None)
+    import transformers
+
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"cuDNN {torch.backends.cudnn.version()}, transformers {transformers.__version__}, "
           f"model built in {time.perf_counter() - started:.1f} s", flush=True)
     image = diagram()
     levels = [int(r) for r in args.rows.split(",")]
@@ -175,19 +201,34 @@ def main() -> int:
     results: dict = {"rows": []}
     rows = results["rows"]
 
-    def record(row: dict) -> None:
-        rows.append(row)
-        print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
+    def save() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
 
-    record(run_hf_generate(loaded, engine, args.eager_tokens, image))
-    paths = {path.mode: path for path in ALL_PATHS}
-    for mode in ("modules-eager", "fused-eager"):
-        engine.use_decode_path(paths[mode])
+    def record(mode: str, rows_run: int, new_tokens: int, measure) -> None:
+        try:
+            row = measure()
+        except Exception as error:  # noqa: BLE001 - recorded with its error; the next measurement still runs
+            row = {"mode": mode, "rows": rows_run, "new_tokens": new_tokens, "error": failure(error)}
+            engine.release_all()
+        rows.append(row)
+        print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+        save()
+
+    def warm_and_run(rows_run: int, new_tokens: int, mode: str) -> dict:
         run_engine(engine, 1, 2, image, "warm-up")
-        record(run_engine(engine, 1, args.eager_tokens, image, mode))
+        return run_engine(engine, rows_run, new_tokens, image, mode)
+
+    record("hf-generate", 1, args.eager_tokens, lambda: run_hf_generate(loaded, engine, args.eager_tokens, image))
+    paths = {path.mode: path for path in ALL_PATHS}
+
+    def eager_path(mode: str) -> dict:
+        engine.use_decode_path(paths[mode])
+        return warm_and_run(1, args.eager_tokens, mode)
+
+    for mode in ("modules-eager", "fused-eager"):
+        record(mode, 1, args.eager_tokens, lambda mode=mode: eager_path(mode))
     # Every path that can run here, checked as the service checks it at startup (capture included).
     candidates, skipped = candidate_paths(engine.model.device, engine.model.dtype, graphs_allowed=True,
                                           fusable=engine.fused_layers is not None, quantization=None)
@@ -198,13 +239,22 @@ def main() -> int:
             engine.use_decode_path(path)
             verdict = check_decoding(engine) or "passes"
         except Exception as error:  # noqa: BLE001 - reported, and the ladder below steps past it
-            verdict = f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            verdict = f"raised {failure(error)}"
             engine.release_all()
         results["paths"].append({"mode": path.mode, "verdict": verdict, "seconds": time.perf_counter() - began})
+        save()
     print("startup check of each path (logits vs the model's own forward, on this device):", flush=True)
     print_rows(results["paths"])
     ladder = time.perf_counter()
-    engine.choose_decode_path()
+    try:
+        engine.choose_decode_path()
+    except Exception as error:  # noqa: BLE001 - no path passed: nothing more to measure
+        results["decode_mode"] = None
+        results["decode_fallback"] = failure(error)
+        save()
+        print(f"no decoding path passed its startup check: {results['decode_fallback']}", flush=True)
+        print_rows(rows)
+        return 1
     results["ladder_s"] = time.perf_counter() - ladder
     results["decode_mode"], results["decode_fallback"] = engine.decode_mode, engine.decode_fallback
     print(f"served: {engine.decode_mode} (fallback: {engine.decode_fallback}); ladder with capture and checks "
@@ -212,31 +262,43 @@ def main() -> int:
     served = engine.decode_mode
     # Without graphs this compares the whole-slot eager step with the length-sliced one: still a check.
     if args.check_steps:
-        checks = graph_matches_eager(engine, image, args.check_steps,
-                                     {step for step in (1, 2, 10, 100, args.check_steps) if step <= args.check_steps})
+        try:
+            checks = graph_matches_eager(engine, image, args.check_steps,
+                                         {step for step in (1, 2, 10, 100, args.check_steps)
+                                          if step <= args.check_steps})
+        except Exception as error:  # noqa: BLE001 - a check that cannot run has failed
+            checks = [{"step": 0, "error": failure(error), "ok": False}]
+            engine.release_all()
         results["graph_vs_eager"] = checks
+        save()
         print(f"{engine.decode_mode} step vs eager step, same state:", flush=True)
         print_rows(checks)
+    # The served path at every level (an eager one where graphs cannot run: measured above at one stream).
     if served.endswith("-graphs"):
-        run_engine(engine, 1, 2, image, "warm-up")
-        record(run_engine(engine, 1, args.eager_tokens, image, served))
-        record(run_engine(engine, 1, args.diagram_tokens, image, served))
-        for level in levels:
-            record(run_engine(engine, level, args.new_tokens, image, served))
+        record(served, 1, args.eager_tokens, lambda: warm_and_run(1, args.eager_tokens, served))
+    record(served, 1, args.diagram_tokens, lambda: run_engine(engine, 1, args.diagram_tokens, image, served))
+    for level in levels:
+        record(served, level, args.new_tokens,
+               lambda level=level: run_engine(engine, level, args.new_tokens, image, served))
     print()
     print_rows(rows)
     by_mode = {(row["mode"], row["rows"], row["new_tokens"]): row for row in rows}
     base = by_mode.get(("hf-generate", 1, args.eager_tokens))
     for mode in dict.fromkeys(("modules-eager", "fused-eager", served)):
         ours = by_mode.get((mode, 1, args.eager_tokens))
-        if base and ours:
+        if base and ours and "error" not in base and "error" not in ours:
             print(f"one stream, {args.eager_tokens} tokens: {mode} decodes "
                   f"{ours['decode_tok_s_per_stream'] / base['decode_tok_s_per_stream']:.2f}x hf-generate "
                   f"(wall {base['wall_s'] / ours['wall_s']:.2f}x)", flush=True)
     if results.get("graph_vs_eager"):
         verdict = all(check["ok"] for check in results["graph_vs_eager"])
         print(f"{engine.decode_mode} vs eager logits within tolerance at every checkpoint: {verdict}", flush=True)
-    return 0
+    failed = [row["mode"] for row in rows if "error" in row]
+    if results.get("graph_vs_eager") and not all(check["ok"] for check in results["graph_vs_eager"]):
+        failed.append("graph_vs_eager")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

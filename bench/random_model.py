@@ -7,7 +7,10 @@ pointed at that tokenizer's ids, while vocab and layer sizes stay as the config 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.demo import build_processor, build_tokenizer  # noqa: E402
 
 FULL_SIZE_CONFIG = Path(__file__).with_name("qwen3_vl_2b_config.json")
+# Where the full-size model is saved for the service: bench/gpu_check.py --save-model writes it once,
+# bench/serve_bench.py --model full loads it (and builds it only when it is missing).
+SAVED_FULL_MODEL = Path(tempfile.gettempdir()) / "vlm-bench" / "qwen3-vl-2b-random"
 
 
 def tokenizer_and_processor():
@@ -66,3 +72,25 @@ def build_model(config, dtype: torch.dtype = torch.float32, seed: int = 0):
     assert not leftover, f"uninitialised buffers: {leftover}"
     model.tie_weights()
     return model.eval()
+
+
+def set_generation_ids(model, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def save_for_service(model, processor, folder: Path) -> Path:
+    """Save a built model and its processor where the service loads them (BASE_MODEL_ID=folder); written
+    beside and renamed, so a run killed mid-save leaves no half model for the next one to load."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(str(partial))
+        processor.save_pretrained(str(partial))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder

@@ -95,14 +95,27 @@ class Service:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"service exited; see {self.log.name}")
+                raise RuntimeError(f"service exited with {self.process.returncode}; the end of {self.log.name}:\n"
+                                   + self.log_tail())
             try:
-                if httpx.get(f"{self.base}/health", timeout=5).status_code == 200:
+                health = httpx.get(f"{self.base}/health", timeout=5)
+                if health.status_code == 200:
                     return
-            except httpx.HTTPError:
+                if health.json().get("status") == "failed":  # it stays up answering 503: waiting cannot help
+                    raise RuntimeError(f"the model failed to load: {health.json().get('reason')}; the end of "
+                                       f"{self.log.name}:\n" + self.log_tail())
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
-        raise RuntimeError("service never became ready")
+        raise RuntimeError(f"service never became ready; the end of {self.log.name}:\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 25) -> str:
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
+
+    def decode_mode(self) -> str:
+        health = httpx.get(f"{self.base}/health", timeout=5).json()
+        return f"decode_mode={health.get('decode_mode')} decode_fallback={health.get('decode_fallback')}"
 
     def stop(self) -> None:
         self.process.terminate()
@@ -156,20 +169,23 @@ def tiny_model_env() -> dict[str, str]:
     return {"BASE_MODEL_ID": str(built / "base-model"), "ADAPTER_PATH": str(built / "weights")}
 
 
-def full_model_env() -> dict[str, str]:
-    """Qwen3-VL-2B dimensions with random weights, saved once (bf16, ~4.3 GB) so the service loads it."""
-    import torch
-    from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
-
-    folder = Path(tempfile.gettempdir()) / "vlm-bench" / "qwen3-vl-2b-random"
+def full_model_env(folder: Path, config: Path | None = None) -> dict[str, str]:
+    """Qwen3-VL-2B dimensions (or ``config``'s) with random weights, as bench/gpu_check.py --save-model left
+    them in ``folder``; built and saved there (bf16, ~4.3 GB at full size) only when missing."""
     if not (folder / "config.json").is_file():
+        import torch
+        from random_model import (FULL_SIZE_CONFIG, build_config, build_model, save_for_service,
+                                  set_generation_ids, tokenizer_and_processor)
+
+        started = time.perf_counter()
         tokenizer, processor = tokenizer_and_processor()
-        model = build_model(build_config(FULL_SIZE_CONFIG, tokenizer), dtype=torch.bfloat16)
-        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(str(folder))
-        processor.save_pretrained(str(folder))
+        model = build_model(build_config(config or FULL_SIZE_CONFIG, tokenizer), dtype=torch.bfloat16)
+        set_generation_ids(model, tokenizer)
+        save_for_service(model, processor, folder)
         del model
+        print(f"built and saved the full-size model in {time.perf_counter() - started:.1f} s: {folder}", flush=True)
+    else:
+        print(f"full-size model: {folder} (saved before, not rebuilt)", flush=True)
     return {"BASE_MODEL_ID": str(folder), "ADAPTER_PATH": str(folder / "no-adapter"), "REQUIRE_ADAPTER": "false"}
 
 
@@ -185,12 +201,23 @@ def main() -> int:
     parser.add_argument("--naive-concurrency", default=None, help="levels for naive (default: --concurrency)")
     parser.add_argument("--baseline-ref", default=None, help="also run the service as of this git ref ('before')")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="--model full: the saved model to load (default: where gpu_check.py --save-model "
+                             "puts it); built there when missing")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="--model full: the architecture to build when --model-dir has no model "
+                             "(default: Qwen3-VL-2B's)")
     args = parser.parse_args()
     per_client = args.requests_per_client or (6 if args.model == "tiny" else 1)
     new_tokens = args.new_tokens or (64 if args.model == "tiny" else 128)
     width, height = (int(v) for v in args.image.split("x"))
     png = diagram(width, height)
-    model_env = tiny_model_env() if args.model == "tiny" else full_model_env()
+    if args.model == "tiny":
+        model_env = tiny_model_env()
+    else:
+        from random_model import SAVED_FULL_MODEL
+
+        model_env = full_model_env(args.model_dir or SAVED_FULL_MODEL, args.config)
     levels = [int(c) for c in args.concurrency.split(",")]
     naive_levels = [int(c) for c in (args.naive_concurrency or args.concurrency).split(",")]
     ours = {**OURS, "MAX_BATCH_SIZE": str(max(levels))}
@@ -205,11 +232,14 @@ def main() -> int:
     print(f"model={args.model} image={width}x{height} new_tokens={new_tokens} machine={platform.machine()} "
           f"cpus={os.cpu_count()} python={platform.python_version()}", flush=True)
     results: dict[str, dict[int, dict[str, float]]] = {}
+    failed: dict[str, str] = {}
     logs = Path(tempfile.mkdtemp(prefix="vlm-bench-logs-"))
     for name, (config, tree, config_levels) in configs.items():
         service = Service(model_env, config, new_tokens, logs / f"{name}.log", tree)
         try:
+            began = time.perf_counter()
             service.wait_ready()
+            print(f"  {name:<9} ready in {time.perf_counter() - began:.1f} s, {service.decode_mode()}", flush=True)
             drive(service.base, png, 1, 1)  # warm caches outside the measurement
             results[name] = {}
             for concurrency in config_levels:
@@ -218,6 +248,11 @@ def main() -> int:
                 results[name][concurrency] = figures
                 print(f"  {name:<9} c={concurrency:<3} " + "  ".join(f"{k}={v:.3f}" for k, v in figures.items()),
                       flush=True)
+                if args.json:  # as each figure comes: a run cut short keeps what it measured
+                    args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {})}, indent=2))
+        except Exception as error:  # noqa: BLE001 - one configuration failing leaves the others to measure
+            failed[name] = f"{type(error).__name__}: {error}"
+            print(f"  {name:<9} FAILED: {failed[name]}", flush=True)
         finally:
             service.stop()
     if args.baseline_ref:
@@ -233,18 +268,18 @@ def main() -> int:
             print(f"\n| concurrency | throughput {name}/{base} | p50 latency {base}/{name} "
                   f"| p95 latency {base}/{name} |")
             print("|---:|---:|---:|---:|")
-            for concurrency in [level for level in levels if level in results[base]]:
+            for concurrency in [level for level in levels if level in results[base].keys() & results[name].keys()]:
                 mine, theirs = results[name][concurrency], results[base][concurrency]
                 print(f"| {concurrency} | {mine['diagrams_per_min'] / theirs['diagrams_per_min']:.2f}x "
                       f"| {theirs['p50_s'] / mine['p50_s']:.2f}x | {theirs['p95_s'] / mine['p95_s']:.2f}x |")
     for name, by_level in results.items():
         top = levels[-1]
-        if name.startswith("ours") and 1 in by_level and top != 1:
+        if name.startswith("ours") and 1 in by_level and top in by_level and top != 1:
             print(f"{name}: throughput at concurrency {top} vs its own concurrency 1: "
                   f"{by_level[top]['diagrams_per_min'] / by_level[1]['diagrams_per_min']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0
+        args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {})}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
