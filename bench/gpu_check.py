@@ -58,19 +58,23 @@ def diagram(width: int = 1024, height: int = 768) -> Image.Image:
 
 def load(model_kind: str, device: str, dtype: torch.dtype, config: Path = FULL_SIZE_CONFIG,
          save_to: Path | None = None) -> LoadedModel:
+    started = time.perf_counter()
     tokenizer, processor = tokenizer_and_processor()
     if model_kind == "full":
-        model = build_model(build_config(config, tokenizer), dtype=dtype)
+        model = build_model(build_config(config, tokenizer), dtype=dtype, device=device)
     else:
         from app.demo import build_model as build_tiny
 
         model = build_tiny(tokenizer).to(dtype)
     set_generation_ids(model, tokenizer)
+    model = model.to(device).eval()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"model built in {time.perf_counter() - started:.1f} s on {device}", flush=True)
     if save_to is not None:
         started = time.perf_counter()
         save_for_service(model, processor, save_to)
         print(f"saved for serve_bench in {time.perf_counter() - started:.1f} s: {save_to}", flush=True)
-    model = model.to(device).eval()
     return LoadedModel(model, processor, Placement(device, dtype), f"qwen3-vl-{model_kind}-random", None)
 
 
@@ -183,13 +187,11 @@ def main() -> int:
     device = args.device
     assert device == "cpu" or torch.cuda.is_available(), "needs CUDA (or --device cpu)"
     dtype = torch.bfloat16 if device == "cuda" or args.model == "full" else torch.float32
-    started = time.perf_counter()
-    loaded = load(args.model, device, dtype, args.config, args.save_model if args.model == "full" else None)
     import transformers
 
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"cuDNN {torch.backends.cudnn.version()}, transformers {transformers.__version__}, "
-          f"model built in {time.perf_counter() - started:.1f} s", flush=True)
+          f"cuDNN {torch.backends.cudnn.version()}, transformers {transformers.__version__}", flush=True)
+    loaded = load(args.model, device, dtype, args.config, args.save_model if args.model == "full" else None)
     image = diagram()
     levels = [int(r) for r in args.rows.split(",")]
     engine = Engine(loaded, ServingDefaults(PROMPT, max(args.diagram_tokens, args.new_tokens, args.check_steps + 8),

@@ -179,7 +179,9 @@ def full_model_env(folder: Path, config: Path | None = None) -> dict[str, str]:
 
         started = time.perf_counter()
         tokenizer, processor = tokenizer_and_processor()
-        model = build_model(build_config(config or FULL_SIZE_CONFIG, tokenizer), dtype=torch.bfloat16)
+        device = "cuda" if os.environ.get("BENCH_DEVICE") == "cuda" and torch.cuda.is_available() else "cpu"
+        model = build_model(build_config(config or FULL_SIZE_CONFIG, tokenizer), dtype=torch.bfloat16,
+                            device=device)
         set_generation_ids(model, tokenizer)
         save_for_service(model, processor, folder)
         del model
