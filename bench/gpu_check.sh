@@ -19,7 +19,7 @@
 # No set -e: a missing tool or a failed stage is reported and the next stage still runs; the exit status is 1
 # if any stage failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 DEVICE=${BENCH_DEVICE:-cuda}
 OUT=${OUT:-/tmp/gpu-check}
 PYTHON=${PYTHON:-python3}

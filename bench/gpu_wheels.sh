@@ -15,11 +15,12 @@ MACHINE_TORCH=${MACHINE_TORCH:-2.11.0}
 MACHINE_TORCHVISION=${MACHINE_TORCHVISION:-0.26.0}  # the release built for torch 2.11 (cu130, like the machine's)
 LIMIT_MIB=${LIMIT_MIB:-60}                          # the device tool carries 64 MiB with the working tree
 PYTHON=${PYTHON:-python3}
+WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}                  # the machine's; gpu_rehearsal.sh may ask for another
 MACHINE_PROVIDES=${MACHINE_PROVIDES:-numpy pillow}  # besides torch's own: used as the machine has them
 
 platforms=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 for n in $(seq 5 39); do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
-target=(--only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}")
+target=(--only-binary=:all: --python-version "$WHEEL_PYTHON" --implementation cp "${platforms[@]}")
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -29,13 +30,13 @@ sed -e 's/#.*//' -e 's/[[:space:]]//g' requirements.txt | grep -v '^$' \
   >"$work/roots.txt"
 { cat "$work/roots.txt"; echo "torch==$MACHINE_TORCH"; echo "torchvision==$MACHINE_TORCHVISION"; } >"$work/resolve.txt"
 
-echo "resolving for CPython 3.12 x86_64 with torch==$MACHINE_TORCH (metadata only)"
+echo "resolving for CPython $WHEEL_PYTHON x86_64 with torch==$MACHINE_TORCH (metadata only)"
 "$PYTHON" -m pip install --dry-run --ignore-installed --quiet --report "$work/report.json" --target "$work/t" \
   "${target[@]}" -r "$work/resolve.txt" 2> >(grep -v "is ignored: it is neither" >&2)
 
 # The closure of the roots plus torchvision, never walking into torch: what torch needs is on the machine.
 "$PYTHON" - "$work/report.json" "$work/roots.txt" "torchvision==$MACHINE_TORCHVISION" "$MACHINE_PROVIDES" \
-  >"$work/pins.txt" <<'EOF'
+  "$WHEEL_PYTHON" >"$work/pins.txt" <<'EOF'
 import json
 import re
 import sys
@@ -43,10 +44,11 @@ import sys
 from pip._vendor.packaging.requirements import Requirement
 from pip._vendor.packaging.utils import canonicalize_name
 
-report, roots_file, extra_root, provided = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split()
-environment = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
+report, roots_file, extra_root, provided, python = sys.argv[1:6]
+provided = provided.split()
+environment = {"python_version": python, "python_full_version": f"{python}.0", "implementation_name": "cpython",
                "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
-               "platform_machine": "x86_64", "os_name": "posix", "implementation_version": "3.12.3"}
+               "platform_machine": "x86_64", "os_name": "posix", "implementation_version": f"{python}.0"}
 machine = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 left: dict[str, set[str]] = {}
 resolved = {canonicalize_name(item["metadata"]["name"]): item for item in json.load(open(report))["install"]}
@@ -94,7 +96,7 @@ if [ "$count" -ne "$(wc -l <"$work/pins.txt")" ]; then
   echo "FAIL: $count wheels for $(wc -l <"$work/pins.txt") pins" >&2
   exit 1
 fi
-(cd "$DEST" && ls -S *.whl | xargs du -k | awk '{printf "%6d KiB  %s\n", $1, $2}')
+(cd "$DEST" && du -k -- *.whl | sort -rn | awk '{printf "%6d KiB  %s\n", $1, $2}')
 bytes=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
 mib=$(awk -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')
 echo "wheel set: $count wheels, $mib MiB in $DEST (limit $LIMIT_MIB MiB)"
