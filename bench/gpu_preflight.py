@@ -109,8 +109,8 @@ def report_device(device: str) -> None:
 def check_imports() -> None:
     for name in IMPORTS:
         step(f"import {name}", lambda name=name: importlib.import_module(name))
-    # The engine is written against requirements.txt's transformers (engine.py, decode_step.py): 5.17's rotary
-    # embedding, for one, takes other position ids, and the decoding step fails on its first call.
+    # The engine is written against requirements.txt's transformers (engine.py, decode_step.py): under 5.17, for
+    # one, the Qwen3-VL rotary embedding wants position ids of another shape and the engine fails as it starts.
     import transformers
 
     pinned = re.search(r"^transformers==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
