@@ -12,7 +12,7 @@
 #      configuration (one at a time, eager) at 1 and 8, loading the model stage 2 saved.
 # Each stage has its own time limit, cut to what is left of the budget: a hung stage cannot eat the others'.
 # Output in $OUT: preflight.txt, gpu_check.{txt,json}, serve_bench.{txt,json}.
-#   here:  bash bench/gpu_wheels.sh                        (the wheel set, ~50 MiB, into .whl)
+#   here:  bash bench/gpu_wheels.sh                        (the wheel set, ~54 MiB, into .whl)
 #   there: the device tool's run with carry [".whl"], command "bash bench/gpu_check.sh", timeout_s 540
 #   CPU rehearsal of the same steps with a small model: BENCH_DEVICE=cpu bash bench/gpu_check.sh
 #   (bench/gpu_rehearsal.sh runs that in a venv made like the lent machine)

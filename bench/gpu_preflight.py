@@ -34,7 +34,8 @@ PACKAGES = [("torch", "torch"), ("torchvision", "torchvision"), ("transformers",
 # What the service (python -m app), bench/gpu_check.py and bench/serve_bench.py import.
 IMPORTS = ["app.settings", "app.http.app", "app.http.server", "app.service.inference", "app.model.engine",
            "app.model.decode_paths", "app.model.loader", "app.demo", "uvicorn.protocols.http.httptools_impl",
-           "multipart", "pypdfium2", "resvg_py", "defusedxml.ElementTree", "fastapi_swagger", "httpx"]
+           "multipart", "pypdfium2", "resvg_py", "defusedxml.ElementTree", "fastapi_swagger", "httpx",
+           "xgrammar"]  # imported at the first response_format request, not at start: checked here
 
 
 class PreflightError(Exception):
