@@ -33,6 +33,7 @@ class TorchDType(str, Enum):
 class Quantization(str, Enum):
     none = "none"
     int8 = "int8"
+    int4 = "int4"
 
 
 class LogLevel(str, Enum):
@@ -63,7 +64,8 @@ class Settings(BaseSettings):
                                                    "falling back to the CPU")
     torch_dtype: TorchDType = TorchDType.auto
     quantization: Quantization = Field(
-        Quantization.none, description="int8: int8 language-model weights (CPU: for decoding; CUDA: bitsandbytes)")
+        Quantization.none, description="int8: int8 language-model weights (CPU: for decoding; CUDA: bitsandbytes); int4: 4-bit "
+                           "language-model weights for decoding (CPU only)")
     max_new_tokens: int = Field(384, ge=1, le=8192, description="cap on generated tokens per request")
     prompt: str = Field(DEFAULT_PROMPT, min_length=1)
     host: str = "0.0.0.0"

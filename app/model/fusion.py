@@ -13,10 +13,17 @@ from typing import Any
 
 import torch
 
+from app.model.int4 import Int4DecodeLinear
 from app.model.quantize import Int8DecodeLinear
 
-# What a fusable projection holds, by module type: tensors stacked along the output dimension.
-_FUSABLE = {torch.nn.Linear: ("weight", "bias"), Int8DecodeLinear: ("weight", "bias", "weight_int8", "scales")}
+# What a fusable projection holds, by module type: each tensor and the dimension its outputs run along.
+_FUSABLE = {
+    torch.nn.Linear: {"weight": 0, "bias": 0},
+    Int8DecodeLinear: {"weight": 0, "bias": 0, "weight_int8": 0, "scales": 0},
+    Int4DecodeLinear: {"weight": 0, "bias": 0, "weight_int4": 0, "scales_zeros": 1},
+}
+# The tensors a quantized module can make again from its weight, when its parts' copies cannot be joined.
+_REMADE = {Int4DecodeLinear: ("weight_int4", "scales_zeros")}
 
 
 @dataclass(frozen=True)
@@ -32,29 +39,34 @@ def concatenate(modules: list[torch.nn.Module]) -> torch.nn.Module | None:
     """A module of the same type whose outputs are the given modules' outputs side by side; each given module's
     tensors become views into it. None when they cannot be fused (mixed or unknown types, bias on some only)."""
     kind = type(modules[0])
-    names = _FUSABLE.get(kind)
-    if names is None or any(type(module) is not kind for module in modules):
+    dims = _FUSABLE.get(kind)
+    if dims is None or any(type(module) is not kind for module in modules):
         return None
     fused = copy.copy(modules[0])  # the module's own settings; its tensors are replaced below
     fused._parameters, fused._buffers = dict(fused._parameters), dict(fused._buffers)
     sizes = [module.weight.shape[0] for module in modules]
-    for name in names:
+    remake = kind in _REMADE and not kind.packings_concatenate(sizes)
+    if remake:  # each part keeps its own packing; the fused module packs the joined weight (small models only)
+        dims = {name: dim for name, dim in dims.items() if name not in _REMADE[kind]}
+    for name in dims:
         parts = [getattr(module, name) for module in modules]
         if all(part is None for part in parts):
             continue
         if any(part is None for part in parts):
             return None
-    for name in names:
+    for name, dim in dims.items():
         parts = [getattr(module, name) for module in modules]
         if parts[0] is None:
             continue
         with torch.no_grad():
-            whole = torch.cat([part.detach() for part in parts])
+            whole = torch.cat([part.detach() for part in parts], dim=dim)
         _assign(fused, name, whole, parts[0])
-        for module, view, part in zip(modules, whole.split(sizes), parts):
+        for module, view, part in zip(modules, whole.split(sizes, dim=dim), parts):
             _assign(module, name, view, part)
-    if isinstance(fused, torch.nn.Linear):
+    if hasattr(fused, "out_features"):
         fused.out_features = sum(sizes)
+    if remake:
+        fused.requantize()
     return fused
 
 

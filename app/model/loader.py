@@ -160,10 +160,15 @@ def apply_adapter(model: Any, adapter_dir: Path, required: bool = True) -> tuple
     return merged, AdapterReport(str(adapter_dir), lora_modules, lora_modules, adapter_digest(adapter_dir))
 
 
-def quantize(model: Any, placement: Placement) -> tuple[Any, Placement]:
-    """QUANTIZATION=int8, after the merge: the kernel that pays on each device (README, "Quantization")."""
-    from app.model.quantize import quantize_bitsandbytes, quantize_int8_decode
+def quantize(model: Any, placement: Placement, mode: Quantization = Quantization.int8) -> tuple[Any, Placement]:
+    """QUANTIZATION=int8 or int4, after the merge: the kernel that pays on each device (README, "Quantization")."""
+    from app.model.quantize import quantize_bitsandbytes, quantize_int4_decode, quantize_int8_decode
 
+    if mode == Quantization.int4:
+        if placement.device != "cpu":
+            raise ModelLoadError(f"QUANTIZATION=int4 runs on the CPU only, not on {placement.device}; "
+                                 "use int8 or unset QUANTIZATION")
+        return quantize_int4_decode(model), dataclasses.replace(placement, quantization="int4-decode")
     if placement.device == "cpu":
         if not cpu_has_native_bf16():
             logger.warning("QUANTIZATION=int8: the int8 kernel computes in bfloat16, which this CPU emulates; it was "
@@ -216,8 +221,8 @@ def load_model(settings: Settings, placement: Placement) -> LoadedModel:
     logger.info("processor loaded from %s", processor_source)
     params = read_params(adapter_dir)
     model, adapter = apply_adapter(model, adapter_dir, required=settings.require_adapter)
-    if settings.quantization == Quantization.int8:
-        model, placement = quantize(model, placement)
+    if settings.quantization != Quantization.none:
+        model, placement = quantize(model, placement, settings.quantization)
     model.eval()
     logger.info("model ready to warm up after %.1f s", time.perf_counter() - started)
     return LoadedModel(model, processor, placement, settings.base_model_id, adapter, params)

@@ -1,4 +1,5 @@
-"""QUANTIZATION=int8 after the merge: int8 weights for the language model, the part that decodes token by token.
+"""QUANTIZATION=int8 / int4 after the merge: low-precision weights for the language model, the part that decodes
+token by token, its output head included.
 
 The vision encoder runs once per image and is compute-bound, so it keeps its precision on every device.
 """
@@ -10,6 +11,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from app.model import int4
+from app.model.int4 import GROUP_SIZE, Int4DecodeLinear
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,19 @@ def quantize_int8_decode(model: Any) -> Any:
     """CPU: torch's weight-only int8 kernel for decoding steps, the model's own weights for the prefill."""
     count = replace_linears(model, Int8DecodeLinear)
     logger.info("int8 copies of %d language-model Linear layers for decoding (weight-only, per channel)", count)
+    return model
+
+
+def quantize_int4_decode(model: Any, group_size: int = GROUP_SIZE) -> Any:
+    """CPU: torch's packed int4 kernel for decoding steps, the model's own weights for the prefill."""
+    def make(linear: torch.nn.Linear) -> torch.nn.Module:
+        return Int4DecodeLinear(linear, group_size) if int4.supports(linear, group_size) else linear
+
+    count = replace_linears(model, make)
+    kept = [name for _, name, layer in decoder_linears(model) if type(layer) is torch.nn.Linear]
+    logger.info("int4 copies (groups of %d) of %d language-model Linear layers for decoding%s", group_size,
+                count - len(kept), f"; {len(kept)} keep their precision, a shape the kernel does not take "
+                f"({', '.join(sorted(set(kept)))})" if kept else "")
     return model
 
 
