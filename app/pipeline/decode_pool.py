@@ -1,7 +1,9 @@
 """Decode uploads in worker processes, so a file that makes a decoder spin or crash costs only its worker.
 
 A thread cannot be stopped once a C decoder spins in it; a process can be killed. Workers import only
-Pillow and pypdfium2 (spawned, not forked, so none of torch's threads or memory is copied).
+Pillow and pypdfium2 (spawned, not forked, so none of torch's threads or memory is copied). They run at a lower
+priority than the model: torch's threads take every CPU the container has (app/cpu_quota.py), and a decoding step
+waits for its slowest thread, so a decoder preempting one of them would stall the whole step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from app.pipeline.imaging import PreparedImage, VisionGeometry, prepare_image
 
 logger = logging.getLogger(__name__)
 
+DECODER_NICENESS = 10  # added to the workers' nice value: the model's threads win the CPUs they share
+
 
 class _Worker:
     """One decoder process (a process pool of one): when it dies or spins, it alone is replaced, and the requests
@@ -33,7 +37,7 @@ class _Worker:
     @staticmethod
     def _new() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_exit_with_parent, initargs=(os.getpid(),))
+                                   initializer=_start_worker, initargs=(os.getpid(),))
 
     @property
     def pids(self) -> list[int]:
@@ -176,6 +180,15 @@ class DecoderPool:
 
 def _noop() -> None:
     return None
+
+
+def _start_worker(parent_pid: int) -> None:
+    """Worker initializer: yield the CPUs to the model's threads, and die with the server."""
+    try:
+        os.nice(DECODER_NICENESS)
+    except OSError:  # not permitted here: decoding still works, at the model's priority
+        pass
+    _exit_with_parent(parent_pid)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

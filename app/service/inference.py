@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterator
 from PIL import Image
 
 from app import SERVICE_NAME, __version__
+from app.cpu_quota import apply_torch_threads, available_cpus
 from app.errors import DeadlineExceededError, InvalidRequestError, ModelLoadError, ServiceError
 from app.metrics import Metrics, cuda_in_use, gpu_memory_bytes
 from app.model.decode_paths import DECODE_MODES
@@ -113,6 +114,16 @@ def check_default_prompt(engine: Engine) -> None:
         raise ModelLoadError(f"{source} is too long: {error}") from None
 
 
+def decoder_workers(requested: int) -> int:
+    """DECODE_WORKERS, at most one per CPU the container has: more would only queue on the same cores as the
+    model's threads (the workers run at a lower priority, app/pipeline/decode_pool.py)."""
+    cpus = available_cpus()
+    if requested > cpus:
+        logger.info("DECODE_WORKERS=%d, but this container has %d CPU(s): %d upload decoder(s)", requested, cpus,
+                    cpus)
+    return min(requested, cpus)
+
+
 def warm_up(engine: Engine) -> GenerationResult:
     """One short generation on a blank diagram-sized image, so the first request pays no setup."""
     inputs = engine.prepare(blank_diagram(), engine.defaults.prompt)
@@ -145,7 +156,7 @@ class InferenceService:
             logger.warning(warning)
         # Tests inject a fake factory where HTTP behaviour, not the model, is the point.
         self.engine_factory = engine_factory or self.build_engine
-        self.decoder = DecoderPool(settings.decode_workers, decode_timeout_s=settings.decode_timeout_s)
+        self.decoder = DecoderPool(decoder_workers(settings.decode_workers), decode_timeout_s=settings.decode_timeout_s)
         self.prometheus = Metrics()
         self.prometheus.queue_depth.set_function(lambda: self.runner.queue_depth)
         self.prometheus.in_flight.set_function(lambda: self.runner.in_flight)
@@ -163,6 +174,7 @@ class InferenceService:
         model thread; each phase shows in /health while it runs."""
         settings, runner = self.settings, self.runner
         runner.phase = "loading weights"
+        apply_torch_threads()  # the container's CPUs, not the host's: the decoding step and the vision encoder
         self.placement = resolve_placement(settings.device, settings.torch_dtype)
         if self.placement.device_fallback and settings.device_strict:
             raise ModelLoadError(f"{self.placement.device_fallback.removesuffix('; falling back to cpu')} "
