@@ -97,3 +97,15 @@ def save_for_service(model, processor, folder: Path) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def save_full_size(folder: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Qwen3-VL-2B dimensions with random weights, written once in Hugging Face form (bf16: ~4.3 GB) with the
+    demo tokenizer and processor, so the service and other tools (llama.cpp's converter) can load it."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
+    tokenizer, processor = tokenizer_and_processor()
+    model = build_model(build_config(FULL_SIZE_CONFIG, tokenizer), dtype=dtype)
+    set_generation_ids(model, tokenizer)
+    return save_for_service(model, processor, folder)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from app.model import int4
-from app.model.int4 import GROUP_SIZE, Int4DecodeLinear
+from app.model.int4 import Int4DecodeLinear
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,9 @@ def quantize_int8_decode(model: Any) -> Any:
     return model
 
 
-def quantize_int4_decode(model: Any, group_size: int = GROUP_SIZE) -> Any:
+def quantize_int4_decode(model: Any, group_size: int | None = None) -> Any:
     """CPU: torch's packed int4 kernel for decoding steps, the model's own weights for the prefill."""
+    group_size = group_size or int4.GROUP_SIZE
     def make(linear: torch.nn.Linear) -> torch.nn.Module:
         return Int4DecodeLinear(linear, group_size) if int4.supports(linear, group_size) else linear
 
