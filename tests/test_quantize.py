@@ -1,4 +1,5 @@
-"""QUANTIZATION=int8: the CPU's int8 decode layers and the CUDA path's bitsandbytes layers, on the tiny model."""
+"""QUANTIZATION=int8 / int4: the CPU's int8 and int4 decode layers and the CUDA path's bitsandbytes layers, on the
+tiny model."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from app.errors import ModelLoadError
 from app.model.device import Placement, resolve_placement
 from app.model.engine import Engine, ServingDefaults
 from app.model.loader import load_model, quantize
+from app.model import int4
+from app.model.fusion import concatenate
+from app.model.int4 import Int4DecodeLinear
 from app.model.quantize import DECODE_ROWS_MAX, Int8DecodeLinear, quantize_bitsandbytes
 from app.model.scheduler import generate
 from app.model.sequence import Sequence
+from app.settings import Quantization
 
 from .helpers import diagram_png
 
@@ -93,3 +98,103 @@ def test_int8_on_a_cpu_without_native_bf16_warns(tiny_settings, monkeypatch, cap
         _, placement = quantize(model, Placement("cpu", torch.float32))
     assert placement.quantization == "int8-decode"
     assert any("emulates" in record.getMessage() for record in caplog.records)
+
+
+# Bounds, as a share of the full-precision logits' largest magnitude, for the tiny merged model decoding 12 greedy
+# tokens (measured: int8 at most 0.028). Tokens must be equal wherever the full-precision model's first choice
+# leads its second by more than twice the bound.
+INT8_LOGIT_BOUND = 0.04
+# One int4 layer (groups of 32, min/max) on the tiny model's N(0, 0.4) weights: measured 0.06-0.08 of the output.
+INT4_LAYER_BOUND = 0.1
+PROMPTS = ("Describe.", "List every step of this process and who does it.", "Steps?")
+
+
+def greedy(settings, prompt: str, steps: int = 12) -> tuple[list[int], torch.Tensor, Engine]:
+    """Tokens (prefill's first, then each step's) and each step's logits, one request alone."""
+    engine = Engine(load(settings), ServingDefaults("Describe.", 16, 64), force_max_new_tokens=True)
+    engine.choose_decode_path()
+    image = Image.open(io.BytesIO(diagram_png())).convert("RGB")
+    sequence = Sequence(engine.prepare(image, prompt), steps + 1)
+    tokens, logits = engine.prefill([sequence]), []
+    for _ in range(steps):
+        tokens.append(engine.decode([sequence])[0][1])
+        logits.append(engine.step_logits()[0].clone())
+    return tokens, torch.stack(logits), engine
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_int8_decoding_stays_with_the_full_precision_model(tiny_settings, prompt):
+    reference, reference_logits, _ = greedy(tiny_settings(), prompt)
+    tokens, logits, engine = greedy(tiny_settings(quantization="int8"), prompt)
+    assert isinstance(engine.model.lm_head, Int8DecodeLinear) and engine.decode_mode == "fused-eager"
+    assert tokens[0] == reference[0]  # the prefill's token: full-precision weights in both
+    for step, (expected, got) in enumerate(zip(reference_logits, logits)):
+        scale = expected.abs().max()
+        assert (got - expected).abs().max() <= INT8_LOGIT_BOUND * scale, f"step {step + 1}"
+        top = expected.topk(2).values
+        if top[0] - top[1] > 2 * INT8_LOGIT_BOUND * scale:
+            assert tokens[step + 1] == reference[step + 1], f"step {step + 1}"
+        if tokens[step + 1] != reference[step + 1]:
+            break  # a near tie went the other way: the contexts differ from here on
+
+
+def test_int4_decoding_on_the_tiny_model(tiny_settings):
+    """Every language-model Linear and the head in 4 bits, fused, and the startup check (same kernels, the dtype's
+    tolerance) passes; the prefill's token is the full-precision model's. The later tokens are not compared: the
+    tiny model's wide random weights amplify 4-bit rounding into logit changes larger than its top-2 margins."""
+    reference, _, _ = greedy(tiny_settings(), PROMPTS[0], steps=2)
+    tokens, logits, engine = greedy(tiny_settings(quantization="int4"), PROMPTS[0], steps=2)
+    model = engine.model
+    assert engine.loaded.placement.dtype_name == "float32+int4-decode"
+    assert isinstance(model.lm_head, Int4DecodeLinear)
+    assert len([m for m in model.modules() if isinstance(m, Int4DecodeLinear)]) == LANGUAGE_MODEL_LINEARS
+    assert engine.decode_mode == "fused-eager" and isinstance(engine.fused_layers[0].qkv, Int4DecodeLinear)
+    assert tokens[0] == reference[0] and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rounds_within_bound_and_prefill_rows_use_the_original_weight(dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96).to(dtype)
+    torch.nn.init.normal_(linear.weight, std=0.4)
+    layer = Int4DecodeLinear(linear)
+    with torch.inference_mode():
+        prefill = torch.randn(2, int4.DECODE_ROWS_MAX, 256, dtype=dtype)
+        assert torch.equal(layer(prefill), F.linear(prefill, linear.weight, linear.bias))
+        decode = torch.randn(int4.DECODE_ROWS_MAX, 1, 256, dtype=dtype)
+        out = layer(decode)
+        expected = F.linear(decode, linear.weight, linear.bias)
+    assert out.shape == (int4.DECODE_ROWS_MAX, 1, 96) and out.dtype == dtype
+    assert layer.weight_int4.dtype == torch.uint8 and layer.weight_int4.shape == (96, 128)  # 2 codes a byte
+    assert 0 < relative_error(out, expected) < INT4_LAYER_BOUND
+
+
+def test_int4_rows_not_a_multiple_of_16_are_padded_for_the_kernel():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 40, bias=False)  # e.g. a small vocabulary's head
+    layer = Int4DecodeLinear(linear)
+    with torch.inference_mode():
+        x = torch.randn(1, 64)
+        out, expected = layer(x), F.linear(x, linear.weight)
+    assert out.shape == (1, 40) and relative_error(out, expected) < INT4_LAYER_BOUND
+
+
+@pytest.mark.parametrize("sizes", [[128, 64, 64], [64, 32, 32]])
+def test_int4_projections_fuse(sizes):
+    """Whole packing blocks (64 rows): the packed weights and scales are joined and the parts become views of them;
+    otherwise the fused module packs the joined weight itself. Either way the same numbers as the parts."""
+    torch.manual_seed(0)
+    parts = [Int4DecodeLinear(torch.nn.Linear(64, size, bias=False)) for size in sizes]
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        before = torch.cat([part(x) for part in parts], dim=-1)
+        fused = concatenate(parts)
+        assert torch.equal(fused(x), before)
+        assert torch.equal(torch.cat([part(x) for part in parts], dim=-1), before)  # the parts still compute
+    shared = parts[0].weight_int4.untyped_storage().data_ptr() == fused.weight_int4.untyped_storage().data_ptr()
+    assert shared == (sizes[1] % int4.PACK_BLOCK_ROWS == 0)
+
+
+def test_int4_on_cuda_is_refused_with_the_reason():
+    with pytest.raises(ModelLoadError, match="QUANTIZATION=int4 runs on the CPU only"):
+        quantize(torch.nn.Linear(2, 2), Placement("cuda", torch.bfloat16), Quantization.int4)
