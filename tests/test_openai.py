@@ -465,6 +465,12 @@ def test_a_schema_that_cannot_be_compiled_is_a_400_naming_response_format(tiny):
     body = expect_error(400, "invalid_request", "response_format", lambda: ask(client, response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}))
     assert "schema" in body["message"]
+    body = expect_error(400, "invalid_request", "response_format", lambda: ask(client, response_format={
+        "type": "json_object", "json_schema": {"name": "x", "schema": {"type": "object"}}}))
+    for option, value in (("top_p", 0.5), ("top_k", 5)):  # greedy by default: nothing to cut
+        body = expect_error(400, "invalid_request", option, lambda: ask(client, extra_body={option: value}))
+        assert "temperature" in body["message"]
+    expect_error(400, "invalid_request", "seed", lambda: ask(client, temperature=1.0, seed=2 ** 70))
 
 
 def test_bpmn_as_a_data_url_is_answered_from_its_xml_in_any_encoding(tiny):

@@ -89,7 +89,7 @@ def test_a_page_that_fails_says_so_and_the_others_answer():
     original = engine.prepare
     calls = []
 
-    def prepare(image, prompt):
+    def prepare(image, prompt, system=None):
         calls.append(image)
         if len(calls) == 2:
             raise InvalidImageError("this page cannot be read")

@@ -14,7 +14,7 @@ from app.model.sampling import RowSampler, SamplingParams
 from app.model.scheduler import Scheduler, generate
 from app.model.sequence import Sequence
 
-from .test_scheduler import engine, image, loaded, make_engine, references, sequence  # noqa: F401 - fixtures
+from .test_scheduler import engine, loaded, make_engine, references, sequence  # noqa: F401 - fixtures
 
 ROWS_SCHEMA = {
     "type": "object", "additionalProperties": False, "required": ["rows"],
@@ -180,6 +180,56 @@ def test_infer_takes_a_json_schema_and_answers_json_for_it(tiny_client):
         refused = tiny_client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
                                    data={"json_schema": bad})
         assert refused.status_code == 400 and why in refused.json()["error"]["message"], refused.text
+        assert refused.json()["error"].get("param", "json_schema") == "json_schema"
+    refused = tiny_client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                               data={"json_schema": json.dumps(small), "format": "markdown"})
+    assert refused.status_code == 400 and "format=markdown" in refused.json()["error"]["message"]
     bpmn = (Path(__file__).resolve().parent.parent / "examples" / "order-process.bpmn").read_bytes()
     refused = tiny_client.post("/infer", files={"file": ("p.bpmn", bpmn)}, data={"json_schema": '{"type": "object"}'})
     assert refused.status_code == 400 and "BPMN" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("schema,why", [
+    ({"type": "string", "minLength": 50_000}, "minLength 50000 is over"),
+    ({"type": "string", "maxLength": None}, "maxLength must be a non-negative integer"),
+    ({"type": "string", "minLength": "x"}, "minLength must be"),
+    ({"type": "string", "maxLength": True}, "maxLength must be"),
+    ({"type": "string", "maxLength": 1e400}, "maxLength must be"),
+])
+def test_string_bounds_that_cannot_be_honoured_quickly_are_grammar_errors_at_once(engine, schema, why):
+    import time
+
+    began = time.perf_counter()
+    with pytest.raises(GrammarError, match=why):
+        engine.grammars.compile(JsonFormat(schema))
+    assert time.perf_counter() - began < 1.0
+
+
+def test_a_schema_nested_too_deeply_is_a_grammar_error(engine):
+    schema: dict = {"type": "string"}
+    for _ in range(5000):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(GrammarError, match="nested too deeply"):
+        engine.grammars.compile(JsonFormat(schema))
+
+
+def test_a_row_whose_token_choice_fails_ends_alone_with_its_error(engine, references):
+    scheduler = Scheduler(engine)
+    greedy = sequence(engine, 0, 20)
+    broken = sequence(engine, 1, 20)
+    broken.sampler = RowSampler(SamplingParams(temperature=1.0, seed=2 ** 70))  # manual_seed refuses it
+    errors = []
+    broken.on_error = errors.append
+    for row in (greedy, broken):
+        scheduler.add(row)
+    while scheduler.has_work:
+        scheduler.step()
+    assert len(errors) == 1 and broken.slot is None and broken.result is None
+    assert greedy.tokens == references[0][:20] and engine.slots_in_use == 0
+
+
+def test_a_forced_length_row_under_a_grammar_still_stops_when_the_grammar_completes(loaded):
+    forced = make_engine(loaded, force_max_new_tokens=True)
+    row = constrained(forced, 0, 400)
+    result = generate(forced, [row])[0]
+    assert result.finish_reason == "stop" and json.loads(result.text)

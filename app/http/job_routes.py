@@ -19,7 +19,8 @@ from app.errors import (
 )
 from app.http.dependencies import JobsDep
 from app.http.envelope import EnvelopedRoute, error_responses
-from app.http.routes import INFER_FIELDS, TABLE_FORMATS, check_form_parts, json_format_field, pages_asked
+from app.http.routes import (INFER_FIELDS, TABLE_FORMATS, check_form_parts, check_table_format, json_format_field,
+                             pages_asked)
 from app.model.grammar import MAX_SCHEMA_CHARS
 from app.pipeline.bpmn import looks_like_bpmn
 from app.pipeline.imaging import ACCEPTED_TEXT, UNSUPPORTED_FILE, sniff_format
@@ -98,6 +99,7 @@ async def create_job(
 ) -> JobStatus:
     check_form_parts(await request.form(), JOB_FIELDS)
     wanted = json_format_field(json_schema)
+    check_table_format(wanted, format or "json")
     params = {"prompt": prompt, "max_new_tokens": max_new_tokens, "pages": pages_asked(page, pages),
               "format": format or "json", "json_schema": wanted.schema if wanted else None}
     data = await file.read()

@@ -64,9 +64,10 @@ async def infer_diagram(
     data = await file.read()
     params = InferParams(prompt=prompt, max_new_tokens=max_new_tokens, pages=pages_asked(page, pages),
                          json_format=json_format_field(json_schema))
+    chosen = format or _format_from_accept(request.headers.get("accept", ""))
+    check_table_format(params.json_format, chosen)
     result = await until_disconnect(request, service.infer(data, params, ticket))
     note_answer(result.metadata)
-    chosen = format or _format_from_accept(request.headers.get("accept", ""))
     if chosen == "json":
         return result
     if result.table is None:
@@ -87,9 +88,18 @@ def json_format_field(text: str) -> JsonFormat | None:
         schema = json.loads(text)
     except json.JSONDecodeError as error:
         raise InvalidRequestError(f"json_schema is not valid JSON: {error}", param="json_schema") from None
+    except RecursionError:
+        raise InvalidRequestError("json_schema is nested too deeply", param="json_schema") from None
     if not isinstance(schema, dict):
         raise InvalidRequestError("json_schema must be a JSON object (a JSON schema)", param="json_schema")
     return JsonFormat(schema)
+
+
+def check_table_format(json_format: JsonFormat | None, chosen: str) -> None:
+    """Before anything runs: an answer asked as JSON for a schema has no table to render as markdown or CSV."""
+    if json_format is not None and chosen != "json":
+        raise InvalidRequestError(f"with json_schema the answer is JSON, not a table: format={chosen} does not "
+                                  "apply", param="format")
 
 
 def pages_asked(page: int, pages: str) -> str:

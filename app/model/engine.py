@@ -280,7 +280,7 @@ class Engine:
         first = logits.argmax(dim=-1)
         for row, sequence in enumerate(sequences):
             if sequence.sampler is not None:
-                first[row] = sequence.sampler.choose(logits[row], [])
+                first[row] = self._sampled(sequence, logits[row], first[row])
         for row, sequence in enumerate(sequences):
             sequence.slot = first_slot + row
             sequence.position = host_lengths[row]
@@ -319,10 +319,22 @@ class Engine:
         """Replace the step's argmax for rows that sample or follow a grammar, in the step's token buffer too
         (the next step feeds on it)."""
         logits, tokens = self._step.logits, self._step.tokens
-        chosen = {sequence: sequence.sampler.choose(logits[sequence.slot], sequence.tokens) for sequence in choosing}
+        chosen = {sequence: self._sampled(sequence, logits[sequence.slot], tokens[sequence.slot])
+                  for sequence in choosing}
         for sequence, token in chosen.items():
             tokens[sequence.slot] = token
         return [(sequence, chosen.get(sequence, token)) for sequence, token in advanced]
+
+    @staticmethod
+    def _sampled(sequence: Sequence, logits: torch.Tensor, fallback: Any) -> Any:
+        """Its own choice of token; if that fails, the error is its alone (the scheduler ends it with it) and the
+        step's argmax stands in, so the rows beside it go on."""
+        try:
+            return sequence.sampler.choose(logits, sequence.tokens)
+        except Exception as error:  # noqa: BLE001 - one request's sampler or grammar must not fail the batch
+            logger.exception("token choice failed for one request")
+            sequence.error = error
+            return fallback
 
     def _launch(self) -> "LaunchedStep":
         rows = list(self.occupants)  # rows[i] is in slot i while the step runs

@@ -19,6 +19,7 @@ import torch
 
 # A schema larger than this is refused before compiling: compile time and memory grow with it.
 MAX_SCHEMA_CHARS = 100_000
+MAX_MIN_LENGTH = 2_000  # characters a string must at least have (compiles in ~1 s); more would not fit an answer
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class JsonFormat:
 
     schema: dict[str, Any]
     strict: bool = True
+    param: str = "json_schema"  # the request field it came from, named by a 400
 
 
 def bounded_strings_as_patterns(schema: Any) -> Any:
@@ -43,9 +45,19 @@ def bounded_strings_as_patterns(schema: Any) -> Any:
     rewritten = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
     if rewritten.get("type") == "string" and ("minLength" in rewritten or "maxLength" in rewritten) \
             and not {"pattern", "format", "enum", "const"} & rewritten.keys():
-        low, high = int(rewritten.pop("minLength", 0)), rewritten.pop("maxLength", None)
-        rewritten["pattern"] = f"^[\\s\\S]{{{low},{'' if high is None else int(high)}}}$"
+        low = _length(rewritten.pop("minLength", 0), "minLength")
+        high = _length(rewritten.pop("maxLength"), "maxLength") if "maxLength" in rewritten else None
+        # A pattern's lower bound unrolls into the automaton: its compile time grows with its square.
+        if low > MAX_MIN_LENGTH:
+            raise GrammarError(f"minLength {low} is over {MAX_MIN_LENGTH}, more than one answer can hold")
+        rewritten["pattern"] = f"^[\\s\\S]{{{low},{'' if high is None else high}}}$"
     return rewritten
+
+
+def _length(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise GrammarError(f"{name} must be a non-negative integer, not {json.dumps(value)[:40]}")
+    return value
 
 
 class GrammarError(ValueError):
@@ -73,7 +85,10 @@ class Grammars:
     def compile(self, wanted: JsonFormat) -> Any:
         """A compiled grammar for JSON matching the schema."""
         compiler = self._get_compiler()
-        text = json.dumps(bounded_strings_as_patterns(wanted.schema))
+        try:
+            text = json.dumps(bounded_strings_as_patterns(wanted.schema))
+        except RecursionError:
+            raise GrammarError("the JSON schema is nested too deeply") from None
         if len(text) > MAX_SCHEMA_CHARS:
             raise GrammarError(f"the JSON schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
         try:

@@ -67,15 +67,15 @@ class RowSampler:
         scores = logits.float()  # a copy when the step's dtype is lower; copied below otherwise
         if scores.data_ptr() == logits.data_ptr():
             scores = scores.clone()
-        if generated and (params.frequency_penalty or params.presence_penalty):
-            counts = torch.bincount(torch.tensor(generated, device=scores.device), minlength=scores.shape[0])
-            counts = counts[:scores.shape[0]].to(scores.dtype)
-            scores -= counts * params.frequency_penalty + (counts > 0).to(scores.dtype) * params.presence_penalty
         if params.repetition_penalty != 1:
             seen = self._seen(generated, scores.device)
             picked = scores[seen]
             scores[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
                                        picked * params.repetition_penalty)
+        if generated and (params.frequency_penalty or params.presence_penalty):
+            counts = torch.bincount(torch.tensor(generated, device=scores.device), minlength=scores.shape[0])
+            counts = counts[:scores.shape[0]].to(scores.dtype)
+            scores -= counts * params.frequency_penalty + (counts > 0).to(scores.dtype) * params.presence_penalty
         if self.matcher is not None:
             self.matcher.mask(scores)
         return scores

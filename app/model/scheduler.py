@@ -119,6 +119,11 @@ class Scheduler:
             self._advance(sequence, token)
 
     def _advance(self, sequence: Sequence, token: int) -> None:
+        if sequence.error is not None:  # its own token choice failed (engine): it ends, the others go on
+            self.running.remove(sequence)
+            self.engine.free(sequence)
+            sequence.on_error(sequence.error)
+            return
         sequence.append(token)
         if sequence.on_token is not None:
             sequence.on_token(token)

@@ -51,11 +51,11 @@ class StopRules:
         if sequence.cancel.is_set():
             return "cancelled"
         count = len(sequence.tokens)
+        if sequence.sampler is not None and sequence.sampler.finished:  # its grammar is complete: nothing may follow
+            return "stop"
         if self.force_max_new_tokens:
             return "length" if count >= sequence.max_new_tokens else None
         if count and sequence.tokens[-1] in self.eos_ids:
-            return "stop"
-        if sequence.sampler is not None and sequence.sampler.finished:  # its grammar is complete
             return "stop"
         if count >= sequence.max_new_tokens:
             return "length"
@@ -78,6 +78,7 @@ class Sequence:
     on_token: Callable[[int], None] | None = None  # each new token, as it comes (streaming requests only)
     background: bool = False  # a job's: synchronous requests take free slots first
     sampler: Any = None  # sampling.RowSampler when it does not decode plain greedy (sampling, a grammar)
+    error: BaseException | None = None  # its own token choice failed: it alone ends with this error
     tokens: list[int] = field(default_factory=list)
     slot: int | None = None  # the engine's KV slot while it decodes
     position: int = 0  # index in its slot where the next input token's keys and values go

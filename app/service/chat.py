@@ -155,8 +155,8 @@ def json_format_of(request: ChatCompletionRequest) -> JsonFormat | None:
     if wanted is None or wanted.type == "text":
         return None
     if wanted.type == "json_object":
-        return JsonFormat({"type": "object"}, strict=False)
-    return JsonFormat(wanted.json_schema.json_schema, strict=bool(wanted.json_schema.strict))
+        return JsonFormat({"type": "object"}, strict=False, param="response_format")
+    return JsonFormat(wanted.json_schema.json_schema, strict=bool(wanted.json_schema.strict), param="response_format")
 
 
 async def start_chat_completion(service: InferenceService, body: bytes, ticket: Ticket

@@ -80,7 +80,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, when sampling")
     top_k: int | None = Field(None, ge=-1, description="extension (vLLM's): sample among the k most likely "
                               "tokens; 0 or -1: all")
-    seed: int | None = Field(None, description="makes a sampled answer reproducible on the same device")
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 64 - 1,
+                             description="makes a sampled answer reproducible on the same device")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension (vLLM's): above 1 "
@@ -155,6 +156,13 @@ def request_problems(request: ChatCompletionRequest) -> list[tuple[str, str]]:
     if formats is not None and formats.type == "json_schema" and formats.json_schema is None:
         problems.append(("response_format", "response_format json_schema needs its json_schema: "
                          '{"name": ..., "schema": {...}}'))
+    if formats is not None and formats.type != "json_schema" and formats.json_schema is not None:
+        problems.append(("response_format", f"a json_schema is read with type json_schema, not {formats.type}"))
+    if not request.temperature:  # greedy: nothing to cut or to seed; a no-op value is fine
+        for param, idle in (("top_p", request.top_p in (None, 1)), ("top_k", request.top_k in (None, 0, -1))):
+            if not idle:
+                problems.append((param, f"{param} applies when sampling: set temperature above 0 (decoding is "
+                                 "greedy by default)"))
     return problems
 
 

@@ -399,7 +399,7 @@ class InferenceService:
         except PromptTooLongError as error:
             raise InvalidRequestError(str(error)) from None
         except GrammarError as error:
-            raise InvalidRequestError(str(error), param="response_format") from None
+            raise InvalidRequestError(str(error), param=params.json_format.param) from None
 
     async def _decode(self, data: bytes, engine: Engine, page: int, deadline: float) -> PreparedImage:
         """Decode in a worker process, within the request's deadline."""
