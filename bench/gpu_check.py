@@ -87,16 +87,23 @@ def run_engine(engine: Engine, rows: int, new_tokens: int, image: Image.Image, m
     """``rows`` diagrams submitted at once, through the scheduler, each forced to ``new_tokens``."""
     device = engine.model.device.type
     sequences = [Sequence(engine.prepare(image, PROMPT), new_tokens) for _ in range(rows)]
+    # When each token reached the host: the worst gap between two tokens of one row is what a running stream
+    # feels of the prefills admitted beside it (DECODING_PREFILL_TOKEN_BUDGET bounds it).
+    arrivals: list[list[float]] = [[] for _ in sequences]
+    for sequence, times in zip(sequences, arrivals):
+        sequence.on_token = lambda token, times=times: times.append(time.perf_counter())
     sync(device)
     started = time.perf_counter()
     results = generate(engine, sequences)
     sync(device)
     wall = time.perf_counter() - started
     decode = [(r.completion_tokens - 1) / max(r.generation_time_s - r.first_token_time_s, 1e-9) for r in results]
+    gaps = [later - earlier for times in arrivals for earlier, later in zip(times, times[1:])]
     return {"mode": mode, "rows": rows, "new_tokens": new_tokens, "wall_s": wall,
             "ttft_p50_s": statistics.median(r.first_token_time_s for r in results),
             "decode_tok_s_per_stream": statistics.median(decode),
-            "total_tok_s": sum(r.completion_tokens for r in results) / wall}
+            "total_tok_s": sum(r.completion_tokens for r in results) / wall,
+            "worst_gap_ms": 1000 * max(gaps, default=0.0)}
 
 
 def run_hf_generate(loaded: LoadedModel, engine: Engine, new_tokens: int, image: Image.Image) -> dict:

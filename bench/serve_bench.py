@@ -16,6 +16,7 @@ Every request is forced to exactly --new-tokens tokens (FORCE_MAX_NEW_TOKENS) so
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -126,21 +127,45 @@ class Service:
         self.log.close()
 
 
-def drive(base: str, png: bytes, concurrency: int, requests: int) -> dict[str, float]:
+# --mixed: a quarter of the requests sample (OpenAI API, temperature), a quarter answer under a JSON schema.
+MIXED_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["rows"],
+                "properties": {"rows": {"type": "array", "items": {
+                    "type": "object", "additionalProperties": False, "required": ["number", "action", "role"],
+                    "properties": {"number": {"type": "integer"}, "action": {"type": "string", "maxLength": 60},
+                                   "role": {"type": "string", "maxLength": 40}}}}}}
+
+
+def post_request(base: str, png: bytes, index: int, mixed: bool) -> dict:
+    """One diagram; its metadata (/infer's, or a chat completion's details)."""
+    if mixed and index % 4 == 1:
+        model = httpx.get(f"{base}/v1/models", timeout=60).json()["data"][0]["id"]
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=7200, json={
+            "model": model, "temperature": 0.8, "top_p": 0.95, "seed": index,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+        response.raise_for_status()
+        return response.json()["details"]
+    form = {"json_schema": json.dumps(MIXED_SCHEMA)} if mixed and index % 4 == 2 else {}
+    response = httpx.post(f"{base}/infer", files={"file": ("d.png", png, "image/png")}, data=form, timeout=7200)
+    response.raise_for_status()
+    return response.json()["metadata"]
+
+
+def drive(base: str, png: bytes, concurrency: int, requests: int, mixed: bool = False) -> dict[str, float]:
     latencies: list[float] = []
     ttfts: list[float] = []
     decode_rates: list[float] = []
     decode_times: list[float] = []
+    tokens: list[int] = []
     lock = threading.Lock()
 
-    def one(_: int) -> None:
+    def one(index: int) -> None:
         started = time.perf_counter()
-        response = httpx.post(f"{base}/infer", files={"file": ("d.png", png, "image/png")}, timeout=7200)
+        meta = post_request(base, png, index, mixed)
         elapsed = time.perf_counter() - started
-        response.raise_for_status()
-        meta = response.json()["metadata"]
         decode_s = meta["generation_time"] - (meta["first_token_time"] or 0)
         with lock:
+            tokens.append(meta["completion_tokens"])
             latencies.append(elapsed)
             ttfts.append(meta["queue_time"] + meta["preprocess_time"] + (meta["first_token_time"] or 0))
             decode_times.append(decode_s)
@@ -158,6 +183,7 @@ def drive(base: str, png: bytes, concurrency: int, requests: int) -> dict[str, f
         "ttft_s": statistics.median(ttfts),
         "decode_tok_s": statistics.median(decode_rates) if decode_rates else float("nan"),
         "diagrams_per_min": 60 * requests / wall,
+        "tok_s": sum(tokens) / wall,
         "decode_s": statistics.median(decode_times),
     }
 
@@ -203,6 +229,9 @@ def main() -> int:
     parser.add_argument("--naive-concurrency", default=None, help="levels for naive (default: --concurrency)")
     parser.add_argument("--baseline-ref", default=None, help="also run the service as of this git ref ('before')")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--mixed", type=int, default=0, metavar="N",
+                        help="also, for the ours config: N concurrent clients all greedy against N with a quarter "
+                             "sampled and a quarter under a JSON schema, interleaved (3 rounds)")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="--model full: the saved model to load (default: where gpu_check.py --save-model "
                              "puts it); built there when missing")
@@ -235,6 +264,7 @@ def main() -> int:
           f"cpus={os.cpu_count()} python={platform.python_version()}", flush=True)
     results: dict[str, dict[int, dict[str, float]]] = {}
     failed: dict[str, str] = {}
+    mixed: dict[str, float] = {}
     logs = Path(tempfile.mkdtemp(prefix="vlm-bench-logs-"))
     for name, (config, tree, config_levels) in configs.items():
         service = Service(model_env, config, new_tokens, logs / f"{name}.log", tree)
@@ -252,6 +282,8 @@ def main() -> int:
                       flush=True)
                 if args.json:  # as each figure comes: a run cut short keeps what it measured
                     args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {})}, indent=2))
+            if args.mixed and name == "ours":
+                mixed = compare_mixed(service.base, png, args.mixed, args.mixed * per_client)
         except Exception as error:  # noqa: BLE001 - one configuration failing leaves the others to measure
             failed[name] = f"{type(error).__name__}: {error}"
             print(f"  {name:<9} FAILED: {failed[name]}", flush=True)
@@ -280,8 +312,22 @@ def main() -> int:
             print(f"{name}: throughput at concurrency {top} vs its own concurrency 1: "
                   f"{by_level[top]['diagrams_per_min'] / by_level[1]['diagrams_per_min']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {})}, indent=2))
+        args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {}),
+                                         **({"mixed": mixed} if mixed else {})}, indent=2))
     return 1 if failed else 0
+
+
+def compare_mixed(base: str, png: bytes, concurrency: int, requests: int, rounds: int = 3) -> dict:
+    """All greedy against mixed, interleaved; tokens/s (grammar answers end when their JSON does)."""
+    runs: dict[str, list[float]] = {"greedy": [], "mixed": []}
+    for _ in range(rounds):
+        for kind in runs:
+            runs[kind].append(drive(base, png, concurrency, requests, mixed=kind == "mixed")["tok_s"])
+    medians = {kind: statistics.median(values) for kind, values in runs.items()}
+    print(f"\n| c={concurrency}, {requests} requests, median of {rounds} | tokens/s |\n|---|---:|\n"
+          f"| all greedy | {medians['greedy']:.1f} |\n| 1/4 sampled, 1/4 JSON schema | {medians['mixed']:.1f} |\n"
+          f"mixed / all greedy: {medians['mixed'] / medians['greedy']:.2f}x", flush=True)
+    return {**medians, "ratio": medians["mixed"] / medians["greedy"]}
 
 
 if __name__ == "__main__":
