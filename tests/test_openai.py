@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import os
 import threading
 import time
 
@@ -497,6 +498,7 @@ def test_the_adapter_digest_id_stays_an_alias_of_the_served_name(tiny, tiny_mode
 
 
 def test_litellm_openai_provider_with_temperature_and_a_system_message(tiny):
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # its bundled price list: no fetch at import
     import litellm
 
     _, base = tiny
