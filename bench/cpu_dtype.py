@@ -10,6 +10,7 @@ processor. Prints a table and the ratios against the first dtype listed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -20,10 +21,8 @@ from PIL import Image
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from app.model.quantize import (  # random_model put the repository root on sys.path
-    Int8DecodeLinear,
-    quantize_int8_decode,
-)
+from app.model.decode_context import decoding_step  # random_model put the repository root on sys.path
+from app.model.quantize import Int8DecodeLinear, quantize_int8_decode
 
 MID_SIZE_CONFIG = Path(__file__).with_name("qwen3_vl_mid_config.json")
 
@@ -53,6 +52,20 @@ def measure(model, inputs, new_tokens: int, repeats: int = 2) -> tuple[float, fl
             first = min(first, clock.times[0] - started)
             per_token = min(per_token, statistics.median(steps))
     return first, per_token
+
+
+def decode_calls_as_decoding_steps(model):
+    """``generate``'s calls after the prefill (one new token a row) run as the engine's decoding steps do, so the
+    int8 layers read their int8 copy there and the original weights in the prefill (decode_context.py)."""
+    forward = model.forward
+
+    def forward_marked(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        with decoding_step() if ids is not None and ids.shape[-1] == 1 else contextlib.nullcontext():
+            return forward(*args, **kwargs)
+
+    model.forward = forward_marked
+    return model
 
 
 def read_bandwidth_gb_s() -> float:
@@ -101,7 +114,8 @@ def main() -> None:
         dtype = getattr(torch, name.split("+")[0])
         model.to(dtype)
         # QUANTIZATION=int8 on the CPU: int8 copies of the language model's weights for the decoding steps.
-        candidate = quantize_int8_decode(copy.deepcopy(model)) if name.endswith("+int8-decode") else model
+        candidate = (decode_calls_as_decoding_steps(quantize_int8_decode(copy.deepcopy(model)))
+                     if name.endswith("+int8-decode") else model)
         batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         measure(candidate, batch, 3, repeats=1)  # warm-up
         rows.append((name, *measure(candidate, batch, args.new_tokens), decode_step_bytes(candidate)))

@@ -6,10 +6,11 @@ batch sizes given, with ``--kv`` tokens in each row's slot (the keys are whateve
 time does not depend on their values). Then each path's startup check (decode_paths.py) on this model and
 dtype: the largest logit difference from the model's own forward, as a share of the logit scale, against
 the tolerance the service applies. And the process's RSS before and after the fusion (it must not grow: the
-modules' weights become views of the fused ones).
+modules' weights become views of the fused ones). With ``--quantization int4`` (or int8) the language model decodes with QUANTIZATION's low-bit copies.
 
     python bench/decode_step_bench.py                          # Qwen3-VL-2B dimensions, random weights, bf16
     python bench/decode_step_bench.py --config bench/qwen3_vl_mid_config.json --dtype float32
+    python bench/decode_step_bench.py --quantization int4 --rows 1
 """
 
 from __future__ import annotations
@@ -22,13 +23,24 @@ from pathlib import Path
 import torch
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
 
-from app.model import decode_paths  # random_model put the repository root on sys.path
+from app.model import decode_context, decode_paths, int4, quantize  # random_model put the repository root on sys.path
 from app.model.decode_paths import ALL_PATHS, TOLERANCE, check_decoding
 from app.model.device import Placement
 from app.model.engine import Engine, EngineLimits, ServingDefaults
 from app.model.loader import LoadedModel
+from app.model.quantize import quantize_int4_decode, quantize_int8_decode
 
 MODES = ("modules-eager", "fused-eager")
+# With --quantization: the fused step reading the original weights instead of the low-bit copies, as the prefill
+# does (what a decoding step of many rows would gain or lose by it).
+ORIGINAL_WEIGHTS = "fused-eager, original weights"
+QUANTIZE = {"int4": (quantize_int4_decode, "int4-decode"), "int8": (quantize_int8_decode, "int8-decode")}
+
+
+def use_mode(engine: Engine, mode: str) -> None:
+    engine.use_decode_path(next(path for path in ALL_PATHS if path.mode == mode.split(",")[0]))
+    reads_low_bits = (lambda: False) if mode == ORIGINAL_WEIGHTS else decode_context.in_decoding_step
+    int4.in_decoding_step = quantize.in_decoding_step = reads_low_bits
 
 
 def rss_mb() -> float:
@@ -76,25 +88,30 @@ def main() -> None:
     parser.add_argument("--kv", type=int, default=800, help="tokens already in each slot")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path, batch size and round")
+    parser.add_argument("--quantization", choices=["none", *QUANTIZE], default="none")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     levels = [int(r) for r in args.rows.split(",")]
     tokenizer, processor = tokenizer_and_processor()
     model = build_model(build_config(Path(args.config), tokenizer), dtype=dtype)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    loaded = LoadedModel(model, processor, Placement("cpu", dtype), "qwen3-vl-random", None)
+    quantization = None
+    if args.quantization != "none":
+        quantize, quantization = QUANTIZE[args.quantization]
+        model = quantize(model)
+    loaded = LoadedModel(model, processor, Placement("cpu", dtype, quantization), "qwen3-vl-random", None)
     before = rss_mb()
     engine = Engine(loaded, ServingDefaults("Extract the table.", 64, 1024), repetition_guard=None,
                     limits=EngineLimits(max_rows=max(levels), max_prompt_tokens=256))
     after = rss_mb() - engine.cache.nbytes / 2 ** 20 - engine._step.logits.nbytes / 2 ** 20
-    print(f"{Path(args.config).name}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"{Path(args.config).name}, {args.dtype}{'+' + quantization if quantization else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.kv} tokens in each slot; RSS {before:.0f} MB before the fusion, {after:.0f} MB after "
           "(less the KV cache and the logits buffer)", flush=True)
-    paths = {path.mode: path for path in ALL_PATHS}
+    modes = MODES + ((ORIGINAL_WEIGHTS,) if quantization else ())
     timings: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
-        for mode in MODES:
-            engine.use_decode_path(paths[mode])
+        for mode in modes:
+            use_mode(engine, mode)
             for rows in levels:
                 timings.setdefault((mode, rows), []).append(time_steps(engine, rows, args.kv, args.steps))
         print(f"  round {round_index + 1}/{args.rounds}: " + ", ".join(
@@ -103,14 +120,14 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for rows in levels:
         base = statistics.median(timings[("modules-eager", rows)])
-        for mode in MODES:
+        for mode in modes:
             median = statistics.median(timings[(mode, rows)])
             print(f"| {mode} | {rows} | {median * 1000:.1f} | {rows / median:.2f} | {base / median:.2f}x |")
     print(f"\nstartup check on this model (tolerance {TOLERANCE.get(dtype, 0.05):g} of the logit scale):")
     print("| path | verdict | largest difference / logit scale |")
     print("|---|---|---:|")
     for mode in MODES:
-        engine.use_decode_path(paths[mode])
+        use_mode(engine, mode)
         verdict, margin = check_margin(engine)
         print(f"| {mode} | {verdict} | {margin:.4f} |", flush=True)
 

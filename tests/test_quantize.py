@@ -18,7 +18,8 @@ from app.model.loader import load_model, quantize
 from app.model import int4
 from app.model.fusion import concatenate
 from app.model.int4 import Int4DecodeLinear
-from app.model.quantize import DECODE_ROWS_MAX, Int8DecodeLinear, quantize_bitsandbytes
+from app.model.decode_context import decoding_step
+from app.model.quantize import Int8DecodeLinear, quantize_bitsandbytes
 from app.model.scheduler import generate
 from app.model.sequence import Sequence
 from app.settings import Quantization
@@ -37,18 +38,27 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_rows_use_int8_and_prefill_rows_the_original_weight(dtype):
+def test_decoding_steps_use_int8_and_the_prefill_the_original_weight(dtype):
+    """By the kind of call, not its rows: a one-row prefill keeps the weight, an 8-row decoding step reads int8."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96).to(dtype)
-    layer = Int8DecodeLinear(linear)
+    out, expected = prefill_then_decode(Int8DecodeLinear(linear), linear, dtype)
+    assert not torch.equal(out, expected)  # really the int8 kernel
+    assert relative_error(out, expected) < 0.02
+
+
+def prefill_then_decode(layer, linear, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-row prefill call gives exactly the original weight's output; then an 8-row decoding step's output
+    and what the original weight gives for it."""
     with torch.inference_mode():
-        prefill = torch.randn(2, DECODE_ROWS_MAX, 256, dtype=dtype)  # 8 rows
+        prefill = torch.randn(1, 1, 256, dtype=dtype)
         assert torch.equal(layer(prefill), F.linear(prefill, linear.weight, linear.bias))
-        decode = torch.randn(DECODE_ROWS_MAX, 1, 256, dtype=dtype)
-        out = layer(decode)
-        assert out.shape == (DECODE_ROWS_MAX, 1, 96) and out.dtype == dtype
-        assert not torch.equal(out, F.linear(decode, linear.weight, linear.bias))  # really the int8 kernel
-        assert relative_error(out, F.linear(decode, linear.weight, linear.bias)) < 0.02
+        decode = torch.randn(8, 1, 256, dtype=dtype)
+        with decoding_step():
+            out = layer(decode)
+        expected = F.linear(decode, linear.weight, linear.bias)
+    assert out.shape == (8, 1, 96) and out.dtype == dtype
+    return out, expected
 
 
 def test_int8_on_cpu_quantizes_the_language_model_only(tiny_settings):
@@ -62,14 +72,10 @@ def test_int8_on_cpu_quantizes_the_language_model_only(tiny_settings):
     engine = Engine(loaded, ServingDefaults("Describe.", 8, 64), force_max_new_tokens=True)
     single = generate(engine, [Sequence(engine.prepare(image, "Describe."), 8)])[0]
     assert single.completion_tokens == 8
-    # A batch of 6 decodes 6 rows per step, past DECODE_ROWS_MAX: the original weights, so the same tokens as
-    # the unquantized model.
-    plain = Engine(load(tiny_settings()), ServingDefaults("Describe.", 8, 64), force_max_new_tokens=True)
-    def six(target: Engine) -> list[str]:
-        return [r.text for r in generate(target, [Sequence(target.prepare(image, "Describe."), 8) for _ in range(6)])]
-
-    quantized_texts, plain_texts = six(engine), six(plain)
-    assert quantized_texts == plain_texts
+    # A batch of 6 decodes 6 rows per step, with the int8 weights still: the answer does not depend on how many
+    # requests decode beside it.
+    six = generate(engine, [Sequence(engine.prepare(image, "Describe."), 8) for _ in range(6)])
+    assert [result.text for result in six] == [single.text] * 6
 
 
 def test_bitsandbytes_layers_replace_the_language_model_linears(tiny_settings):
@@ -150,21 +156,22 @@ def test_int4_decoding_on_the_tiny_model(tiny_settings):
     assert len([m for m in model.modules() if isinstance(m, Int4DecodeLinear)]) == LANGUAGE_MODEL_LINEARS
     assert engine.decode_mode == "fused-eager" and isinstance(engine.fused_layers[0].qkv, Int4DecodeLinear)
     assert tokens[0] == reference[0] and torch.isfinite(logits).all()
+    # Six requests decoding together read the 4-bit weights as one alone does: the same answer under any load.
+    for held in list(engine.occupants):  # greedy() leaves its request in its slot
+        engine.free(held)
+    image = Image.open(io.BytesIO(diagram_png())).convert("RGB")
+    single = generate(engine, [Sequence(engine.prepare(image, PROMPTS[0]), 6)])[0].text
+    six = generate(engine, [Sequence(engine.prepare(image, PROMPTS[0]), 6) for _ in range(6)])
+    assert [result.text for result in six] == [single] * 6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_rounds_within_bound_and_prefill_rows_use_the_original_weight(dtype):
+def test_int4_rounds_within_bound_in_decoding_steps_and_the_prefill_uses_the_original_weight(dtype):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96).to(dtype)
     torch.nn.init.normal_(linear.weight, std=0.4)
     layer = Int4DecodeLinear(linear)
-    with torch.inference_mode():
-        prefill = torch.randn(2, int4.DECODE_ROWS_MAX, 256, dtype=dtype)
-        assert torch.equal(layer(prefill), F.linear(prefill, linear.weight, linear.bias))
-        decode = torch.randn(int4.DECODE_ROWS_MAX, 1, 256, dtype=dtype)
-        out = layer(decode)
-        expected = F.linear(decode, linear.weight, linear.bias)
-    assert out.shape == (int4.DECODE_ROWS_MAX, 1, 96) and out.dtype == dtype
+    out, expected = prefill_then_decode(layer, linear, dtype)
     assert layer.weight_int4.dtype == torch.uint8 and layer.weight_int4.shape == (96, 128)  # 2 codes a byte
     assert 0 < relative_error(out, expected) < INT4_LAYER_BOUND
 
@@ -173,7 +180,7 @@ def test_int4_rows_not_a_multiple_of_16_are_padded_for_the_kernel():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 40, bias=False)  # e.g. a small vocabulary's head
     layer = Int4DecodeLinear(linear)
-    with torch.inference_mode():
+    with torch.inference_mode(), decoding_step():
         x = torch.randn(1, 64)
         out, expected = layer(x), F.linear(x, linear.weight)
     assert out.shape == (1, 40) and relative_error(out, expected) < INT4_LAYER_BOUND
@@ -186,7 +193,7 @@ def test_int4_projections_fuse(sizes):
     torch.manual_seed(0)
     parts = [Int4DecodeLinear(torch.nn.Linear(64, size, bias=False)) for size in sizes]
     x = torch.randn(2, 64)
-    with torch.inference_mode():
+    with torch.inference_mode(), decoding_step():
         before = torch.cat([part(x) for part in parts], dim=-1)
         fused = concatenate(parts)
         assert torch.equal(fused(x), before)

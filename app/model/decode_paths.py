@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from app.model.attention import flash_available
+from app.model.decode_context import decoding_step
 from app.model.sequence import Sequence
 
 CHECK_STEPS = 6
@@ -117,9 +118,9 @@ def check_decoding(engine) -> str | None:
 
 def reference_logits(engine, sequence: Sequence, fed: list[int]) -> torch.Tensor:
     """The model's own forward over the prompt, then over each token the step was fed, one call each with the
-    model's own cache: the logits at each of them. Called as the engine calls it (the prompt at once, a token
-    per call), a quantized layer picks the kernel the engine's calls get (quantize.py: by rows per call), so
-    the check compares the decoding path, not the rounding of the weights."""
+    model's own cache: the logits at each of them. The prompt runs as the prefill runs it and each token as a
+    decoding step (decode_context.py), so a quantized layer reads the weights the engine's calls read: the check
+    compares the decoding path, not the rounding of the weights."""
     inputs = sequence.inputs
     batch = engine.collate([inputs.tensors])
     device = batch["input_ids"].device
@@ -129,8 +130,9 @@ def reference_logits(engine, sequence: Sequence, fed: list[int]) -> torch.Tensor
     for index, token in enumerate(fed):
         # A generated token is text: its three M-RoPE components are its position plus the prompt's offset.
         position = torch.full((3, 1, 1), inputs.prompt_tokens + index + inputs.rope_offset, device=device)
-        output = engine.model(input_ids=torch.tensor([[token]], device=device), position_ids=position, cache=cache,
-                              use_cache=True)
+        with decoding_step():
+            output = engine.model(input_ids=torch.tensor([[token]], device=device), position_ids=position,
+                                  cache=cache, use_cache=True)
         logits.append(output.logits[0, -1])
         cache = output.cache
     return torch.stack(logits).float().cpu()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
 from app.model.attention import flash_decode, pinned_sdpa, sdpa_decode
+from app.model.decode_context import decoding_step
 from app.model.fusion import FusedLayer
 from app.model.kvcache import SlotKVCache
 
@@ -107,7 +108,7 @@ class DecodeStep:
 
         ``kv_tokens`` bounds the SDPA attention to the first positions of each slot; eager callers pass the
         longest active row, graphs attend over the whole slot (shapes must not depend on data)."""
-        with pinned_sdpa():
+        with pinned_sdpa(), decoding_step():  # decoding_step: quantized layers read their low-bit copy
             n, span = rows, kv_tokens or self.slot_tokens
             live = self._rows[:n] < self.active_rows
             positions = self.positions[:n]

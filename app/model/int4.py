@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from app.model.decode_context import in_decoding_step
+
 # Measured on Qwen3-VL-2B's shapes (bench/RESULTS.md, "int4"): the group size hardly changes the kernel's speed at
 # a few rows, and 32 rounds best (one scale and zero per 32 weights: 4.5 bits a weight in all, bfloat16 pairs).
 GROUP_SIZE = 32
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
-# Up to this many rows per call the 4-bit kernel beats the high-precision matmul (it reads a quarter of bfloat16's
-# bytes but unpacks every weight again for each row); past it, as in the image prefill, the original weight wins.
-DECODE_ROWS_MAX = 4
 # The packing lays output rows out in blocks of 64 (AVX512; 32 with AVX2): packed weights concatenate into the
 # packing of the concatenated weight only when every part fills whole blocks. The kernel also wants N % 16 == 0.
 PACK_BLOCK_ROWS = 64
@@ -57,8 +56,9 @@ def supports(linear: torch.nn.Linear, group_size: int) -> bool:
 
 
 class Int4DecodeLinear(torch.nn.Module):
-    """A Linear holding its weight twice: as-is for calls with many rows (the prefill), and as 4-bit groups for
-    the few-row calls of the decoding steps, which are bound by how many weight bytes they read."""
+    """A Linear holding its weight twice: as-is for the prefill (many rows: compute-bound, where the kernel, which
+    unpacks every weight again for each group of rows, is 2-4x slower), and as 4-bit groups for the decoding
+    steps, which are bound by how many weight bytes they read (decode_context.py)."""
 
     def __init__(self, linear: torch.nn.Linear, group_size: int = GROUP_SIZE):
         super().__init__()
@@ -80,9 +80,9 @@ class Int4DecodeLinear(torch.nn.Module):
         return all(size % PACK_BLOCK_ROWS == 0 for size in sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > DECODE_ROWS_MAX:
+        if not in_decoding_step():
             return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1]).to(self.scales_zeros.dtype)
         # The kernel reads the scales as one dense block. A projection fused with others holds a strided view of the
         # fused scales; it is only called on its own in the fallback decoding path, where this copy is the price.

@@ -13,20 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from app.model import int4
+from app.model.decode_context import in_decoding_step
 from app.model.int4 import Int4DecodeLinear
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows per call torch's weight-only int8 kernel beats a bfloat16 matmul on the CPU (it reads
-# half the bytes; on an AMX Xeon, Qwen3-VL-2B's MLP shapes: 2.3x faster at 1 row, 1.2x at 4, slower from 6
-# on); beyond it the call is compute-bound, as in the image prefill, and the bfloat16 weight is faster.
-DECODE_ROWS_MAX = 4
 QUANTIZE_BLOCK_ROWS = 4096
 
 
 class Int8DecodeLinear(torch.nn.Module):
-    """A Linear holding its weight twice: as-is for calls with many rows (the prefill), and per-output-channel
-    int8 for the few-row calls of the decoding steps, which are bound by how many weight bytes they read."""
+    """A Linear holding its weight twice: as-is for the prefill (compute-bound: the bfloat16 matmul is faster), and
+    per-output-channel int8 for the decoding steps, which are bound by how many weight bytes they read
+    (decode_context.py; on an AMX Xeon, Qwen3-VL-2B's MLP shapes: 2.3x faster at 1 row, 1.2x at 4)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -43,10 +41,9 @@ class Int8DecodeLinear(torch.nn.Module):
                 self.scales[rows] = scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > DECODE_ROWS_MAX:
+        if not in_decoding_step():
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
         out = out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         return out if self.bias is None else out + self.bias
