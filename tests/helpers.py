@@ -68,6 +68,9 @@ class FakeEngine:
     def sampler(self, inputs, sampling, json_format=None):
         return None  # the fake's tokens are scripted: nothing to sample
 
+    def compile_grammar(self, json_format, timeout_s) -> None:
+        pass  # no grammar: the fake answers every schema alike
+
     def prefill(self, sequences) -> list[int]:
         self.prefills += 1
         self.occupants.extend(sequences)

@@ -187,10 +187,36 @@ def test_infer_takes_a_json_schema_and_answers_json_for_it(tiny_client):
     bpmn = (Path(__file__).resolve().parent.parent / "examples" / "order-process.bpmn").read_bytes()
     refused = tiny_client.post("/infer", files={"file": ("p.bpmn", bpmn)}, data={"json_schema": '{"type": "object"}'})
     assert refused.status_code == 400 and "BPMN" in refused.json()["error"]["message"]
+    pdf = (Path(__file__).resolve().parent.parent / "examples" / "order-process.pdf").read_bytes()
+    refused = tiny_client.post("/infer", files={"file": ("p.pdf", pdf)},
+                               data={"json_schema": json.dumps(small), "pages": "all"})
+    assert refused.status_code == 400 and "one page" in refused.json()["error"]["message"], refused.text
+    refused = tiny_client.post("/jobs", files={"file": ("p.pdf", pdf)},
+                               data={"json_schema": json.dumps(small), "pages": "1-2"})
+    assert refused.status_code == 400 and "one page" in refused.json()["error"]["message"], refused.text
+
+
+def test_a_job_with_a_schema_that_cannot_be_used_is_refused_at_submission(tiny_client):
+    """Told at once (400), not as a failed job later: a schema that does not compile, and one on a BPMN file."""
+    from .helpers import diagram_png
+
+    bpmn = (Path(__file__).resolve().parent.parent / "examples" / "order-process.bpmn").read_bytes()
+    for upload, schema, why in ((("d.png", diagram_png(), "image/png"), {"type": "no-such-type"}, "cannot be used"),
+                                (("p.bpmn", bpmn, "application/xml"), {"type": "object"}, "BPMN")):
+        refused = tiny_client.post("/jobs", files={"file": upload}, data={"json_schema": json.dumps(schema)})
+        assert refused.status_code == 400 and why in refused.json()["error"]["message"], refused.text
 
 
 @pytest.mark.parametrize("schema,why", [
-    ({"type": "string", "minLength": 50_000}, "minLength 50000 is over"),
+    ({"type": "string", "minLength": 50_000}, "minLength 50000 is over 2000"),
+    ({"type": "string", "maxLength": 8_000}, "maxLength 8000 is over 2000"),
+    ({"type": "string", "pattern": "^[\\s\\S]{4000,}$"}, "unroll to more than one string of 2000"),
+    ({"type": "string", "pattern": "(a{100}b){30}"}, "unroll to more than one string of 2000"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 1500} for i in range(3)}},
+     "unroll to more than one string of 2000"),
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "uses not, which the grammar cannot"),
+    ({"type": "array", "contains": {"const": 5}}, "uses contains"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 2}, "both a pattern and minLength/maxLength"),
     ({"type": "string", "maxLength": None}, "maxLength must be a non-negative integer"),
     ({"type": "string", "minLength": "x"}, "minLength must be"),
     ({"type": "string", "maxLength": True}, "maxLength must be"),
@@ -233,3 +259,80 @@ def test_a_forced_length_row_under_a_grammar_still_stops_when_the_grammar_comple
     row = constrained(forced, 0, 400)
     result = generate(forced, [row])[0]
     assert result.finish_reason == "stop" and json.loads(result.text)
+
+
+def test_schema_keywords_are_read_as_keywords_only_where_a_schema_has_them():
+    """A property named like a keyword, and data under const/enum/discriminator, are neither refused, rewritten
+    nor priced as keywords; what is under a property named "default" is priced like any other schema."""
+    from app.model.schema_rules import prepared_schema
+
+    schema = {"type": "object", "properties": {"not": {"type": "string", "maxLength": 3},
+                                               "pattern": {"type": "string", "pattern": "^a{3}$"}},
+              "enum": [{"contains": 1, "pattern": "a{5000}", "type": "string", "maxLength": 9}],
+              "discriminator": {"propertyName": "kind", "mapping": {"not": "#/$defs/A", "contains": "#/$defs/B"}}}
+    rewritten, cost = prepared_schema(schema)
+    assert rewritten["properties"]["not"] == {"type": "string", "pattern": "^[\\s\\S]{0,3}$"}
+    assert rewritten["enum"] == schema["enum"] and rewritten["discriminator"] == schema["discriminator"]
+    assert cost == 3 ** 2 + 3 ** 2  # ^[\s\S]{0,3}$ and ^a{3}$
+    hidden = {"type": "object", "properties": {"default": {"type": "object", "properties": {
+        f"p{i}": {"type": "string", "maxLength": 2000} for i in range(3)}}}}
+    for priced_over in (hidden, {"type": "string", "pattern": "^(?<x>[\\s\\S]){0,2000}(?<y>a){0,2000}$"},
+                        {"type": "string", "pattern": "a{4294967295}"},
+                        {"type": "object", "patternProperties": {"^[\\s\\S]{0,3000}$": {"type": "integer"}}}):
+        with pytest.raises(GrammarError, match="unroll to more than one string"):
+            prepared_schema(priced_over)
+
+
+def test_a_pattern_that_keeps_to_its_length_bounds_is_taken_as_it_is():
+    """pydantic's Field(pattern="^[A-Z]{3}$", max_length=3): the pattern already holds the length."""
+    from app.model.schema_rules import prepared_schema
+
+    rewritten, _ = prepared_schema({"type": "string", "pattern": "^[A-Z]{3}$", "maxLength": 3, "minLength": 1})
+    assert rewritten == {"type": "string", "pattern": "^[A-Z]{3}$"}
+    with pytest.raises(GrammarError, match="does not keep to"):
+        prepared_schema({"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3})
+
+
+def test_grammars_compile_one_at_a_time_refuse_a_backlog_and_bound_the_wait(monkeypatch):
+    """A compile holds a core: one runs at a time, MAX_WAITING_COMPILES more may wait, the next is a 503, and a
+    compile past its time answers 503 while it goes on into the cache."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.errors import OverloadedError
+    from app.model import grammar
+
+    release, running, at_once = threading.Event(), [], []
+
+    def slow(self, text, strict):
+        at_once.append(len(running))
+        running.append(text)
+        release.wait(20)
+        running.remove(text)
+        return text
+
+    monkeypatch.setattr(grammar.Grammars, "_compile_now", slow)
+    grammars = grammar.Grammars(None, 16, [0])
+    backlog = grammar.MAX_WAITING_COMPILES + 1
+    with ThreadPoolExecutor(backlog) as pool:
+        futures = [pool.submit(grammars.compile, JsonFormat({"type": "integer", "minimum": i})) for i in range(backlog)]
+        deadline = time.monotonic() + 10
+        while grammars._waiting._value and time.monotonic() < deadline:  # every slot taken
+            time.sleep(0.01)
+        with pytest.raises(OverloadedError, match="already waiting"):
+            grammars.compile(JsonFormat({"type": "string"}))
+        # A schema already being compiled takes no place: it waits on that compile.
+        same = pool.submit(grammars.compile, JsonFormat({"type": "integer", "minimum": 0}))
+        release.set()
+        assert sorted(json.loads(future.result(10))["minimum"] for future in futures) == list(range(backlog))
+        assert json.loads(same.result(10))["minimum"] == 0
+    assert at_once == [0] * backlog  # never two at once, and the shared one compiled once
+    release.clear()
+    with pytest.raises(OverloadedError, match="not ready within"):
+        grammars.compile(JsonFormat({"type": "boolean"}), timeout_s=0.2)
+    # While that one still compiles, a schema compiled before is answered at once, without a place in the queue.
+    began = time.perf_counter()
+    assert json.loads(grammars.compile(JsonFormat({"type": "integer", "minimum": 1})))["minimum"] == 1
+    assert time.perf_counter() - began < 1 and len(running) == 1
+    release.set()

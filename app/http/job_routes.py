@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.errors import (
+    InvalidRequestError,
     JobNotDoneError,
     JobNotFoundError,
     JobStoreUnavailableError,
@@ -17,7 +18,7 @@ from app.errors import (
     UnsupportedMediaError,
     recorded_error,
 )
-from app.http.dependencies import JobsDep
+from app.http.dependencies import JobsDep, ServiceDep
 from app.http.envelope import EnvelopedRoute, error_responses
 from app.http.routes import (INFER_FIELDS, TABLE_FORMATS, check_form_parts, check_table_format, json_format_field,
                              pages_asked)
@@ -26,7 +27,7 @@ from app.pipeline.bpmn import looks_like_bpmn
 from app.pipeline.imaging import ACCEPTED_TEXT, UNSUPPORTED_FILE, sniff_format
 from app.pipeline.pages import first_page
 from app.service.chat_schemas import PROMPT_MAX_CHARS
-from app.service.inference import check_bpmn_pages
+from app.service.inference import BPMN_TAKES_NO_SCHEMA, check_bpmn_pages, check_schema_pages
 from app.jobs.records import Job
 from app.jobs.runtime import JobSystem
 from app.jobs.status import job_status
@@ -85,6 +86,7 @@ async def create_job(
     request: Request,
     response: Response,
     jobs: JobsDep,
+    service: ServiceDep,
     file: Annotated[UploadFile, File(description=f"the diagram ({ACCEPTED_TEXT}, or BPMN XML)")],
     prompt: Annotated[str, Form(max_length=PROMPT_MAX_CHARS, description="as in POST /infer")] = "",
     max_new_tokens: Annotated[int, Form(ge=0, description="as in POST /infer")] = 0,
@@ -105,10 +107,15 @@ async def create_job(
     data = await file.read()
     # What can be told without the model is told now, not as a failed job later.
     first_page(params["pages"])
+    check_schema_pages(wanted, params["pages"])
     if looks_like_bpmn(data):
         check_bpmn_pages(1, params["pages"])
+        if wanted is not None:
+            raise InvalidRequestError(BPMN_TAKES_NO_SCHEMA, param="json_schema")
     elif sniff_format(data) is None:
         raise UnsupportedMediaError(UNSUPPORTED_FILE)
+    if wanted is not None:
+        await service.check_json_format(wanted)
     status = _status(request, await jobs.service.submit(params, data, callback_url.strip() or None))
     response.headers["Location"] = status.status_url
     return status

@@ -227,7 +227,9 @@ class JobWorker:
                 await self._give_back(claim)
             raise
         except ServiceError as error:
-            if self._cut_off():  # by the shutdown, not by its file
+            # By the shutdown, not by its file; or the service is busy (e.g. JSON schemas waiting to compile):
+            # the job waits its turn in the store, as when the model is full.
+            if self._cut_off() or isinstance(error, OverloadedError):
                 await self._give_back(claim)
                 return
             status, outcome = "failed", {"error": _error(error)}

@@ -18,7 +18,7 @@ from app.model.cuda_graphs import BucketedStep, GraphedDecodeStep
 from app.model.decode_paths import DecodePath, candidate_paths, check_decoding
 from app.model.decode_step import DecodeStep
 from app.model.fusion import fuse_layers
-from app.model.grammar import Grammars, JsonFormat
+from app.model.grammar import GrammarError, Grammars, JsonFormat
 from app.model.kvcache import CacheShape, SlotKVCache
 from app.model.loader import LoadedModel
 from app.model.sampling import RowSampler, SamplingParams
@@ -175,8 +175,14 @@ class Engine:
         per schema), so call it where ``prepare`` is called, off the model thread. GrammarError: unusable schema."""
         if sampling.is_greedy and json_format is None:
             return None
-        matcher = self.grammars.matcher(self.grammars.compile(json_format)) if json_format is not None else None
+        matcher = (self.grammars.matcher(self.grammars.compile(json_format), json_format.param)
+                   if json_format is not None else None)
         return RowSampler(sampling, inputs.tensors["input_ids"], matcher)
+
+    def compile_grammar(self, json_format: JsonFormat, timeout_s: float) -> None:
+        """Compile a schema's grammar now (cached: its requests then start at once), so an unusable schema is told
+        before anything runs, e.g. when a job is submitted. GrammarError / OverloadedError as ``sampler``."""
+        self.grammars.compile(json_format, timeout_s)
 
     def decode_tokens(self, tokens: list[int]) -> str:
         """Text of some generated tokens, as they are (streaming decodes the answer piece by piece with it)."""
@@ -331,10 +337,13 @@ class Engine:
         step's argmax stands in, so the rows beside it go on."""
         try:
             return sequence.sampler.choose(logits, sequence.tokens)
+        except GrammarError as error:  # the request's schema admits no answer: its 400, no traceback
+            logger.info("a request's JSON schema came to a dead end: %s", error)
+            sequence.error = error
         except Exception as error:  # noqa: BLE001 - one request's sampler or grammar must not fail the batch
             logger.exception("token choice failed for one request")
             sequence.error = error
-            return fallback
+        return fallback
 
     def _launch(self) -> "LaunchedStep":
         rows = list(self.occupants)  # rows[i] is in slot i while the step runs

@@ -1,9 +1,10 @@
 """Structured output: a JSON schema (or any JSON) compiled by xgrammar into a token grammar, and one matcher per
 constrained row that masks the step's logits to the tokens the grammar allows and advances with the chosen one.
 
-xgrammar is the library vLLM and SGLang use; it runs on the CPU and CUDA. Compiled grammars are cached by the
-compiler (a schema sent again costs nothing); compiling happens while a request is prepared, off the event loop
-and off the model thread, so the model thread only fills a bitmask per constrained row per step.
+xgrammar is the library vLLM and SGLang use; it runs on the CPU and CUDA. A schema is first checked, rewritten and
+priced (schema_rules.py); compiling happens while a request is prepared, on one thread of its own, off the event
+loop and off the model thread, so the model thread only fills a bitmask per constrained row per step. Grammars
+compiled lately are kept: a schema sent again costs nothing.
 JSON is compiled without free whitespace between tokens: a grammar that allows any whitespace lets a model
 loop on blanks until its token cap, a known failure of constrained decoding.
 """
@@ -12,14 +13,27 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from app.errors import OverloadedError
+from app.model.schema_rules import GrammarError, prepared_schema
+
+__all__ = ["GrammarError", "Grammars", "GrammarMatcher", "JsonFormat"]
+
 # A schema larger than this is refused before compiling: compile time and memory grow with it.
 MAX_SCHEMA_CHARS = 100_000
-MAX_MIN_LENGTH = 2_000  # characters a string must at least have (compiles in ~1 s); more would not fit an answer
+# One compile at a time, on its own thread (a compile uses a core: it must not crowd the model's threads), at most
+# this many waiting for it, and none waited on longer than this: past either a request is refused, not queued
+# for minutes. A schema compiled lately, or being compiled, takes no place: its requests share the one grammar.
+MAX_WAITING_COMPILES = 4
+COMPILE_TIMEOUT_S = 30.0
+READY_GRAMMARS = 32
 
 
 @dataclass(frozen=True)
@@ -32,38 +46,6 @@ class JsonFormat:
     param: str = "json_schema"  # the request field it came from, named by a 400
 
 
-def bounded_strings_as_patterns(schema: Any) -> Any:
-    """The schema with each string's ``minLength``/``maxLength`` said as a ``pattern`` of as many characters.
-
-    xgrammar (0.2.9) compiles a length-bounded string to a bare character class that lets raw control
-    characters through and no escapes (mlc-ai/xgrammar#800, fix pending in #880): the answer is then not JSON.
-    Its pattern path is JSON-string aware, and a pattern counts decoded characters, as maxLength does."""
-    if isinstance(schema, list):
-        return [bounded_strings_as_patterns(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    rewritten = {key: bounded_strings_as_patterns(value) for key, value in schema.items()}
-    if rewritten.get("type") == "string" and ("minLength" in rewritten or "maxLength" in rewritten) \
-            and not {"pattern", "format", "enum", "const"} & rewritten.keys():
-        low = _length(rewritten.pop("minLength", 0), "minLength")
-        high = _length(rewritten.pop("maxLength"), "maxLength") if "maxLength" in rewritten else None
-        # A pattern's lower bound unrolls into the automaton: its compile time grows with its square.
-        if low > MAX_MIN_LENGTH:
-            raise GrammarError(f"minLength {low} is over {MAX_MIN_LENGTH}, more than one answer can hold")
-        rewritten["pattern"] = f"^[\\s\\S]{{{low},{'' if high is None else high}}}$"
-    return rewritten
-
-
-def _length(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise GrammarError(f"{name} must be a non-negative integer, not {json.dumps(value)[:40]}")
-    return value
-
-
-class GrammarError(ValueError):
-    """The schema cannot be compiled (the message says why, for a 400)."""
-
-
 class Grammars:
     """The compiler for one tokenizer and vocabulary (the model's, which may be padded past the tokenizer's)."""
 
@@ -71,6 +53,11 @@ class Grammars:
         self._tokenizer, self._vocab_size, self._stop = tokenizer, vocab_size, stop_token_ids
         self._compiler = None
         self._lock = threading.Lock()  # built once, on first use: importing xgrammar and reading the vocab
+        self._compiles = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self._waiting = threading.BoundedSemaphore(MAX_WAITING_COMPILES + 1)  # + the one compiling
+        self._cache_lock = threading.RLock()  # RLock: a future already done runs its callback in the caller
+        self._ready: OrderedDict[tuple[str, bool], Any] = OrderedDict()
+        self._in_flight: dict[tuple[str, bool], Future] = {}
 
     def _get_compiler(self):
         with self._lock:
@@ -82,35 +69,72 @@ class Grammars:
                 self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=256 * 2 ** 20)
             return self._compiler
 
-    def compile(self, wanted: JsonFormat) -> Any:
-        """A compiled grammar for JSON matching the schema."""
-        compiler = self._get_compiler()
+    def compile(self, wanted: JsonFormat, timeout_s: float = COMPILE_TIMEOUT_S) -> Any:
+        """A compiled grammar for JSON matching the schema (blocks the calling thread, not the event loop).
+        GrammarError: unusable schema; OverloadedError: compiles are backed up, or this one is not done in time."""
         try:
-            text = json.dumps(bounded_strings_as_patterns(wanted.schema))
+            rewritten, _ = prepared_schema(wanted.schema)
+            text = json.dumps(rewritten)
         except RecursionError:
             raise GrammarError("the JSON schema is nested too deeply") from None
         if len(text) > MAX_SCHEMA_CHARS:
             raise GrammarError(f"the JSON schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
+        key = (text, wanted.strict)
+        with self._cache_lock:
+            if key in self._ready:
+                self._ready.move_to_end(key)
+                return self._ready[key]
+            future = self._in_flight.get(key)
+            if future is None:
+                if not self._waiting.acquire(blocking=False):
+                    raise OverloadedError(f"{MAX_WAITING_COMPILES} JSON schemas are already waiting to be "
+                                          "compiled; retry shortly", headers={"Retry-After": "2"})
+                try:
+                    future = self._compiles.submit(self._compile_now, text, wanted.strict)
+                except BaseException:
+                    self._waiting.release()
+                    raise
+                self._in_flight[key] = future
+                future.add_done_callback(lambda done: self._landed(key, done))
         try:
-            return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=wanted.strict)
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:  # it goes on and lands in the cache: the same schema sent again is then instant
+            raise OverloadedError(f"the JSON schema's grammar was not ready within {timeout_s:.0f} s; retry later",
+                                  headers={"Retry-After": "10"}) from None
+
+    def _landed(self, key: tuple[str, bool], future: Future) -> None:
+        with self._cache_lock:
+            self._in_flight.pop(key, None)
+            if not future.cancelled() and future.exception() is None:
+                self._ready[key] = future.result()
+                while len(self._ready) > READY_GRAMMARS:
+                    self._ready.popitem(last=False)
+        self._waiting.release()
+
+    def _compile_now(self, text: str, strict: bool) -> Any:
+        compiler = self._get_compiler()
+        try:
+            return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=strict)
         except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with the reason
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise GrammarError(f"the JSON schema cannot be used: {reason}") from None
 
-    def matcher(self, compiled: Any) -> "GrammarMatcher":
-        return GrammarMatcher(compiled, self._vocab_size)
+    def matcher(self, compiled: Any, param: str | None = None) -> "GrammarMatcher":
+        return GrammarMatcher(compiled, self._vocab_size, param)
 
 
 class GrammarMatcher:
     """One row's place in its grammar."""
 
-    def __init__(self, compiled: Any, vocab_size: int):
+    def __init__(self, compiled: Any, vocab_size: int, param: str | None = None):
         import xgrammar
 
         self._xgrammar = xgrammar
         self._matcher = xgrammar.GrammarMatcher(compiled)
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
         self._vocab_size = vocab_size
+        self._param = param
+        self._accepted = 0
 
     @property
     def finished(self) -> bool:
@@ -119,6 +143,9 @@ class GrammarMatcher:
     def mask(self, scores: torch.Tensor) -> None:
         """Tokens the grammar does not allow next get -inf in ``scores`` ``[vocab]`` (float32, any device)."""
         self._matcher.fill_next_token_bitmask(self._bitmask)
+        if not self._bitmask.any():  # a schema that compiles yet admits no answer, e.g. a pattern nothing matches
+            raise GrammarError(f"the JSON schema allows no token after the first {self._accepted} of the answer: "
+                               "nothing can satisfy it", self._param)
         bitmask = self._bitmask.to(scores.device, non_blocking=True)
         # Off the CPU, plain torch ops: xgrammar's CUDA and Triton kernels compile at first use, which needs a
         # compiler on the serving machine; a mask over one row is no work worth that risk.
@@ -129,3 +156,4 @@ class GrammarMatcher:
     def accept(self, token: int) -> None:
         if not self._matcher.accept_token(token):
             raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
+        self._accepted += 1

@@ -27,10 +27,13 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return (self.temperature == 0 and self.frequency_penalty == 0 and self.presence_penalty == 0
+        return (self.temperature < SAMPLING_EPS and self.frequency_penalty == 0 and self.presence_penalty == 0
                 and self.repetition_penalty == 1)
 
 
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): dividing logits by less overflows float32 to
+# infinities, whose softmax is NaN, and a NaN "draw" is token 0.
+SAMPLING_EPS = 1e-5
 GREEDY = SamplingParams()
 NUCLEUS_CANDIDATES = 256  # tokens a top-p cut looks at before it sorts the whole vocabulary
 
@@ -53,7 +56,7 @@ class RowSampler:
     def choose(self, logits: torch.Tensor, generated: list[int]) -> int:
         """The next token from this row's logits ``[vocab]`` (not changed in place), ``generated`` so far."""
         scores = self.scores(logits, generated)
-        if self.params.temperature == 0:
+        if self.params.temperature < SAMPLING_EPS:
             token = int(scores.argmax())
         else:
             token = self._draw(scores / self.params.temperature)

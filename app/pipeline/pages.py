@@ -26,6 +26,22 @@ def first_page(spec: str) -> int:
     return min(firsts)
 
 
+def names_several_pages(spec: str) -> bool:
+    """Whether ``spec`` (its syntax checked by first_page) surely names more than one page; what "all" names
+    only the file tells."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return False
+    pages = set()
+    for part in spec.split(","):
+        match = _PART.match(part)
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last > first:
+            return True
+        pages.add(first)
+    return len(pages) > 1
+
+
 def select_pages(spec: str, page_count: int, max_pages: int) -> list[int]:
     """The 1-based page numbers ``spec`` names, in page order, without repeats. A page past the end is a 400 (the
     request names a page that is not there); more pages than ``max_pages`` a 413 with the count."""

@@ -76,7 +76,7 @@ class ChatCompletionRequest(BaseModel):
                                               "MAX_NEW_TOKENS it is MAX_NEW_TOKENS (default)")
     max_tokens: int | None = Field(None, ge=1, description="older name of max_completion_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy (the default); above 0 "
-                                      "the answer is sampled")
+                                      "the answer is sampled (below 1e-5: greedy, as vLLM)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, when sampling")
     top_k: int | None = Field(None, ge=-1, description="extension (vLLM's): sample among the k most likely "
                               "tokens; 0 or -1: all")
@@ -84,8 +84,9 @@ class ChatCompletionRequest(BaseModel):
                              description="makes a sampled answer reproducible on the same device")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension (vLLM's): above 1 "
-                                             "discourages tokens of the prompt and of the answer so far")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10, description="extension (vLLM's): above 1 "
+                                             "discourages tokens of the prompt and of the answer so far (below "
+                                             "0.01 a logit divided by it overflows)")
     response_format: ResponseFormat | None = Field(None, description="text (default), json_object, or "
                                                    "json_schema: the answer is decoded under a grammar built from "
                                                    "the schema, so it is valid JSON for it")

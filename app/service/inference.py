@@ -15,7 +15,7 @@ from PIL import Image
 
 from app import SERVICE_NAME, __version__
 from app.cpu_quota import apply_torch_threads, available_cpus
-from app.errors import DeadlineExceededError, InvalidRequestError, ModelLoadError, ServiceError
+from app.errors import DeadlineExceededError, InvalidRequestError, ModelLoadError, OverloadedError, ServiceError
 from app.metrics import Metrics, cuda_in_use, gpu_memory_bytes
 from app.model.decode_paths import DECODE_MODES
 from app.model.device import Placement, resolve_placement
@@ -28,7 +28,7 @@ from app.model.sequence import PreparedInputs, Sequence
 from app.pipeline.bpmn import looks_like_bpmn, parse_bpmn
 from app.pipeline.decode_pool import DecoderPool
 from app.pipeline.imaging import ImageFacts, PreparedImage
-from app.pipeline.pages import first_page, select_pages
+from app.pipeline.pages import first_page, names_several_pages, select_pages
 from app.pipeline.repetition import RepetitionGuard
 from app.pipeline.table import TableNotFoundError, parse_table, to_markdown
 from app.request_context import current_request_id
@@ -87,6 +87,19 @@ class PreparedRequest:
 
     def time_left_s(self) -> float:
         return max(self.deadline - time.perf_counter(), 0.001)
+
+
+JOB_SCHEMA_CHECK_S = 5.0  # how long a job's submission waits for its schema's grammar before accepting the job
+BPMN_TAKES_NO_SCHEMA = ("a BPMN file is answered from its XML as a markdown table; a JSON schema "
+                        "(json_schema, response_format) does not apply to it")
+
+
+def check_schema_pages(json_format: JsonFormat | None, spec: str, several: bool | None = None) -> None:
+    """One schema, one JSON document: a JSON schema with several pages is a 400. ``several``: whether the pages
+    selected from the file are; without it, told from ``spec`` alone (``all`` waits for the file)."""
+    if json_format is not None and (names_several_pages(spec) if several is None else several):
+        raise InvalidRequestError(f"json_schema answers one page as one JSON document; pages={spec} names several: "
+                                  "send each page as its own request", param=json_format.param)
 
 
 def check_bpmn_pages(page: int, pages: str) -> None:
@@ -227,6 +240,19 @@ class InferenceService:
                                                   json_format=JsonFormat(schema) if schema else None),
                                 ticket, progress)
 
+    async def check_json_format(self, wanted: JsonFormat) -> None:
+        """A job's schema compiled at submission, so one that cannot be used is a 400 then, not a failed job
+        later (and its requests find it cached). With no model loaded yet, or a compile that takes longer than a
+        submission should wait, the job's run tells instead."""
+        if self.runner.state != ModelState.ready:
+            return
+        try:
+            await asyncio.to_thread(self.runner.engine.compile_grammar, wanted, JOB_SCHEMA_CHECK_S)
+        except GrammarError as error:
+            raise InvalidRequestError(str(error), param=wanted.param) from None
+        except OverloadedError:  # compiles backed up or slow: it lands in the cache, or the job's run compiles it
+            pass
+
     # --- inference -------------------------------------------------------------------------------
     async def prepare(self, data: bytes, params: InferParams, ticket: Ticket) -> PreparedRequest:
         """Check the options, decode the file and build the model inputs: every 4xx a request can earn
@@ -257,6 +283,7 @@ class InferenceService:
             await progress(1, 1)
             return response
         pages = select_pages(params.pages, request.image.page_count, self.settings.max_pages)
+        check_schema_pages(params.json_format, params.pages, several=len(pages) > 1)
         return await self._infer_pages(data, params, ticket, request, pages, progress)
 
     async def _infer_pages(self, data: bytes, params: InferParams, ticket: Ticket, first: PreparedRequest,
@@ -300,8 +327,7 @@ class InferenceService:
         itself. No model runs, so the answer is exact, and immediate."""
         check_bpmn_pages(params.page, params.pages)
         if params.json_format is not None:
-            raise InvalidRequestError("a BPMN file is answered from its XML as a markdown table; a JSON schema "
-                                      "(json_schema, response_format) does not apply to it")
+            raise InvalidRequestError(BPMN_TAKES_NO_SCHEMA, param=params.json_format.param)
         rows = await asyncio.to_thread(parse_bpmn, data)  # a 20 MB XML is ~0.1 s: not on the event loop
         columns = ["№", "Наименование действия", "Роль"]
         table_rows = [[str(number), row.action, row.role] for number, row in enumerate(rows, start=1)]
