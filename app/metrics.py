@@ -70,8 +70,8 @@ class Metrics:
                                             "Answered inference requests: from admission to the answer",
                                             buckets=SECONDS_BUCKETS, registry=registry)
         self.rejected = Counter("vlm_rejected_requests", "Inference requests refused at the door, before admission "
-                                "(wrong key, body too large or too slow, not ready, overloaded)", ["route", "reason"],
-                                registry=registry)
+                                "(wrong key, body too large or too slow, not ready, overloaded), or overloaded once "
+                                "admitted (JSON schemas waiting to compile)", ["route", "reason"], registry=registry)
         self.failed = Counter("vlm_failed_requests", "Admitted inference requests the service failed: 5xx (deadline, "
                               "shutdown, internal or device error); alert on this one", ["route", "reason"],
                               registry=registry)

@@ -88,6 +88,26 @@ def test_client_errors_after_admission_are_counted_apart_from_server_failures(cl
     assert failed == sum(value for sample, value in before.items() if sample.startswith("vlm_failed_requests_total"))
 
 
+def test_a_grammar_queue_that_is_full_counts_as_a_refusal_not_a_failure(client, monkeypatch):
+    """Admitted, then 503 overloaded because JSON schemas wait to compile: something to retry, not what ops page on."""
+    from app.errors import OverloadedError
+    from app.model.grammar import Grammars
+
+    def backed_up(self, wanted, timeout_s=0):
+        raise OverloadedError("4 JSON schemas are already waiting to be compiled; retry shortly")
+
+    monkeypatch.setattr(Grammars, "compile", backed_up)
+    before = scrape(client)
+    response = client.post("/infer", files={"file": ("d.png", diagram_png(), "image/png")},
+                           data={"json_schema": '{"type": "object"}'})
+    assert response.status_code == 503 and response.json()["error"]["type"] == "overloaded"
+    after = scrape(client)
+    key = 'vlm_rejected_requests_total{reason="overloaded",route="/infer"}'
+    assert after[key] == before.get(key, 0) + 1
+    failed = sum(value for sample, value in after.items() if sample.startswith("vlm_failed_requests_total"))
+    assert failed == sum(value for sample, value in before.items() if sample.startswith("vlm_failed_requests_total"))
+
+
 @pytest.mark.parametrize("accept, query, expected", [
     ("application/json", None, "application/json"),
     ("*/*", None, "application/json"),

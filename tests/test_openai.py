@@ -477,7 +477,7 @@ def test_a_schema_that_cannot_be_compiled_is_a_400_naming_response_format(tiny):
 def test_a_schema_no_answer_satisfies_is_a_400_and_a_vanishing_temperature_decodes_greedily(tiny):
     """A schema that compiles but admits nothing past its first token: a 400 naming response_format, streamed
     or not, not a 500. A temperature of 1e-38 would overflow the logits into NaN (token 0 every time)."""
-    client, _ = tiny
+    client, base = tiny
     dead_end = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string",
                                                                                "pattern": "[^\\s\\S]"}}}
     body = expect_error(400, "invalid_request", "response_format", lambda: ask(client, response_format=dead_end))
@@ -487,6 +487,10 @@ def test_a_schema_no_answer_satisfies_is_a_400_and_a_vanishing_temperature_decod
     assert ask(client, temperature=1e-38, seed=1).choices[0].message.content == ask(client).choices[0].message.content
     expect_error(400, "invalid_request", "repetition_penalty",
                  lambda: ask(client, temperature=1.0, extra_body={"repetition_penalty": 1e-39}))
+    for wrong in ("NaN", "true", '"0.5"'):  # a JSON number only, and finite
+        body = f'{{"model": "diagrams", "temperature": {wrong}, "messages": [{{"role": "user", "content": "x"}}]}}'
+        response = httpx.post(f"{base}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "temperature", response.text
 
 
 def test_bpmn_as_a_data_url_is_answered_from_its_xml_in_any_encoding(tiny):

@@ -217,6 +217,14 @@ def test_a_job_with_a_schema_that_cannot_be_used_is_refused_at_submission(tiny_c
     ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "uses not, which the grammar cannot"),
     ({"type": "array", "contains": {"const": 5}}, "uses contains"),
     ({"type": "string", "pattern": "^a+$", "maxLength": 2}, "both a pattern and minLength/maxLength"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uses uniqueItems"),
+    ({"type": "object", "required": ["answer"]}, "required names answer"),
+    ({"allOf": [{"type": "object"}, {"type": "object"}]}, "uses allOf"),
+    ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "uses if/then/else"),
+    ({"type": "string", "pattern": "^a(?=b)c$"}, "lookaround or a backreference"),
+    ({"$ref": "http://example.com/x.json"}, "only local references"),
+    ({"type": "string", "format": "email", "maxLength": 9}, "both a format and minLength/maxLength"),
+    ({"maxLength": 9}, "without \"type\": \"string\""),
     ({"type": "string", "maxLength": None}, "maxLength must be a non-negative integer"),
     ({"type": "string", "minLength": "x"}, "minLength must be"),
     ({"type": "string", "maxLength": True}, "maxLength must be"),
@@ -281,6 +289,22 @@ def test_schema_keywords_are_read_as_keywords_only_where_a_schema_has_them():
                         {"type": "object", "patternProperties": {"^[\\s\\S]{0,3000}$": {"type": "integer"}}}):
         with pytest.raises(GrammarError, match="unroll to more than one string"):
             prepared_schema(priced_over)
+
+
+def test_forms_xgrammar_would_misread_are_said_plainly():
+    """A type list with string bounds (OpenAI's optional field) becomes anyOf with the bounds as a pattern; oneOf is
+    anyOf; an allOf of one schema is that schema; 5.0 is an integer."""
+    from app.model.schema_rules import prepared_schema
+
+    optional, _ = prepared_schema({"type": ["string", "null"], "maxLength": 40, "description": "d"})
+    assert optional == {"anyOf": [{"description": "d", "type": "string", "pattern": "^[\\s\\S]{0,40}$"},
+                                  {"description": "d", "type": "null"}]}
+    assert prepared_schema({"type": ["string"], "maxLength": 5.0})[0] == {"type": "string",
+                                                                          "pattern": "^[\\s\\S]{0,5}$"}
+    assert prepared_schema({"oneOf": [{"type": "integer"}, {"type": "null"}]})[0] == {
+        "anyOf": [{"type": "integer"}, {"type": "null"}]}
+    assert prepared_schema({"allOf": [{"$ref": "#/$defs/X"}], "$defs": {"X": {"type": "integer"}}})[0] == {
+        "$defs": {"X": {"type": "integer"}}, "$ref": "#/$defs/X"}
 
 
 def test_a_pattern_that_keeps_to_its_length_bounds_is_taken_as_it_is():

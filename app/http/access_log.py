@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ClientClosedError
+from app.errors import ClientClosedError, OverloadedError
 from app.metrics import Metrics, endpoint_label
 from app.service.schemas import InferMetadata
 
@@ -90,7 +90,7 @@ class AccessLogMiddleware:
             metrics.request_duration.labels(record.path).observe(record.duration_s)
             # A client that hung up was neither refused nor failed (it counts as cancelled).
             if record.error_type and status != ClientClosedError.status_code:
-                if not record.admitted:
+                if not record.admitted or record.error_type == OverloadedError.error_type:  # a refusal: retry
                     counter = metrics.rejected
                 else:  # who failed: the service (5xx, what ops alert on) or the request (4xx)
                     counter = metrics.failed if status >= 500 else metrics.client_errors

@@ -12,6 +12,7 @@ loop on blanks until its token cap, a known failure of constrained decoding.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,7 @@ MAX_SCHEMA_CHARS = 100_000
 MAX_WAITING_COMPILES = 4
 COMPILE_TIMEOUT_S = 30.0
 READY_GRAMMARS = 32
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,13 @@ class Grammars:
         """A compiled grammar for JSON matching the schema (blocks the calling thread, not the event loop).
         GrammarError: unusable schema; OverloadedError: compiles are backed up, or this one is not done in time."""
         try:
+            sent = len(json.dumps(wanted.schema, separators=(",", ":")))  # as the client wrote it, less blanks
+            if sent > MAX_SCHEMA_CHARS:
+                raise GrammarError(f"the JSON schema is {sent} characters; at most {MAX_SCHEMA_CHARS}")
             rewritten, _ = prepared_schema(wanted.schema)
-            text = json.dumps(rewritten)
+            text = json.dumps(rewritten, separators=(",", ":"))
         except RecursionError:
             raise GrammarError("the JSON schema is nested too deeply") from None
-        if len(text) > MAX_SCHEMA_CHARS:
-            raise GrammarError(f"the JSON schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
         key = (text, wanted.strict)
         with self._cache_lock:
             if key in self._ready:
@@ -117,6 +120,7 @@ class Grammars:
             return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=strict)
         except Exception as error:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError with the reason
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = _XGRAMMAR_PREFIX.sub("", reason)  # its log prefix: a time and a C++ file and line
             raise GrammarError(f"the JSON schema cannot be used: {reason}") from None
 
     def matcher(self, compiled: Any, param: str | None = None) -> "GrammarMatcher":

@@ -9,7 +9,9 @@ costs to compile.
 - Compile time grows with the square of each counted repeat the grammar unrolls (a length, a pattern's
   ``{m,n}``): ``maxLength`` 2,000 compiles in ~2-6 s on two cores, 8,000 in ~2 minutes. The sum of the squares
   is held to one string of MAX_REPEAT characters (or 4 of half that, 400 of a twentieth).
-- Keywords xgrammar compiles without enforcing (checked: an answer breaking them is accepted) are refused.
+- Keywords xgrammar compiles without enforcing (checked: an answer breaking them is accepted) are refused, as are
+  patterns with lookarounds or backreferences and non-local ``$ref``; ``oneOf`` is read as ``anyOf`` (exact for
+  disjoint branches, as pydantic's discriminated unions are), and an ``allOf`` of one schema as that schema.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from typing import Any
 MAX_REPEAT = 2_000
 MAX_REPEAT_COST = MAX_REPEAT ** 2
 # Keywords whose values are data, not schemas (never rewritten, refused or priced); keys starting "x-" too.
-DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "discriminator", "dependentRequired"})
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "discriminator"})
 # Keywords whose values map names to schemas: the names are not keywords.
-NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
-UNENFORCED = {"not": "not", "contains": "contains (and minContains/maxContains)"}
+NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+UNENFORCED = {
+    "not": "not", "contains": "contains (and minContains/maxContains)",
+    "uniqueItems": "uniqueItems (a set: use a list)",
+    "if": "if/then/else", "then": "if/then/else", "else": "if/then/else",
+    "dependentRequired": "dependentRequired", "dependentSchemas": "dependentSchemas",
+}
+STRING_KEYWORDS = ("minLength", "maxLength", "pattern", "format")
 _COUNTED_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
@@ -54,8 +62,9 @@ def _walk(node: Any, cost: list[int]) -> Any:
     if not isinstance(node, dict):
         return node
     for keyword, said in UNENFORCED.items():
-        if keyword in node:
+        if keyword in node and not (keyword == "uniqueItems" and node[keyword] is False):
             raise GrammarError(f"the JSON schema uses {said}, which the grammar cannot enforce")
+    node = _plain(node)
     rewritten = {}
     for key, value in node.items():
         if key in DATA_KEYWORDS or key.startswith("x-"):
@@ -68,15 +77,73 @@ def _walk(node: Any, cost: list[int]) -> Any:
             rewritten[key] = _walk(value, cost)
     if rewritten.get("type") == "string":
         _string_bounds(rewritten)
+    elif "minLength" in rewritten or "maxLength" in rewritten:  # no type: they would bind nothing the grammar sees
+        raise GrammarError("minLength/maxLength without \"type\": \"string\": say the type")
     if isinstance(rewritten.get("pattern"), str):
+        _check_pattern(rewritten["pattern"])
         cost[0] += pattern_size(rewritten["pattern"]) ** 2
     return rewritten
 
 
+def _plain(node: dict[str, Any]) -> dict[str, Any]:
+    """The forms xgrammar would read wrongly, said plainly: a type list holding "string" with string keywords as
+    anyOf (the string branch then gets its bounds as a pattern), oneOf as anyOf, an allOf of one as that one;
+    a larger allOf, a required name the object does not declare, and a non-local $ref refused."""
+    types = node.get("type")
+    if isinstance(types, list) and "string" in types and any(key in node for key in STRING_KEYWORDS):
+        common = {key: value for key, value in node.items() if key != "type" and key not in STRING_KEYWORDS}
+        string = {**common, "type": "string", **{key: node[key] for key in STRING_KEYWORDS if key in node}}
+        others = [kind for kind in types if kind != "string"]
+        node = {"anyOf": [string, {**common, "type": others if len(others) != 1 else others[0]}]} if others else string
+    if "oneOf" in node and "anyOf" not in node:
+        node = {("anyOf" if key == "oneOf" else key): value for key, value in node.items()}
+    if "allOf" in node:
+        parts = node["allOf"]
+        if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], dict) \
+                or set(parts[0]) & (set(node) - {"allOf"}):
+            raise GrammarError("the JSON schema uses allOf, which the grammar cannot enforce (beyond one schema)")
+        node = {**{key: value for key, value in node.items() if key != "allOf"}, **parts[0]}
+    required, declared = node.get("required"), node.get("properties")
+    if isinstance(required, list) and required:
+        missing = [name for name in required if not isinstance(declared, dict) or name not in declared]
+        if missing:
+            raise GrammarError(f"required names {', '.join(map(str, missing[:5]))}, which the schema's properties "
+                               "do not declare: the grammar cannot enforce that")
+    reference = node.get("$ref")
+    if isinstance(reference, str) and not reference.startswith("#"):
+        raise GrammarError(f"$ref {reference[:80]!r} is not in the schema: only local references (#/...) are read")
+    return node
+
+
+def _check_pattern(pattern: str) -> None:
+    try:
+        parsed = regex_parser.parse(pattern)
+    except Exception:  # noqa: BLE001 - another dialect, or invalid: xgrammar judges
+        return
+    if _uses(parsed, ("ASSERT", "ASSERT_NOT", "GROUPREF", "GROUPREF_EXISTS")):
+        raise GrammarError(f"the pattern {pattern[:80]!r} uses a lookaround or a backreference, which the grammar "
+                           "cannot enforce")
+
+
+def _uses(items: Any, names: tuple[str, ...]) -> bool:
+    for op, value in items:
+        if str(op) in names:
+            return True
+        inner = (value[-1] if str(op) in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT", "SUBPATTERN")
+                 else value[1] if str(op) == "BRANCH" else value if str(op) == "ATOMIC_GROUP" else None)
+        branches = inner if str(op) == "BRANCH" else [inner] if inner is not None else []
+        if any(_uses(branch, names) for branch in branches):
+            return True
+    return False
+
+
 def _string_bounds(schema: dict[str, Any]) -> None:
     """A string's length bounds as a pattern, in place (see the module's doc)."""
-    if "minLength" not in schema and "maxLength" not in schema or {"format", "enum", "const"} & schema.keys():
+    if "minLength" not in schema and "maxLength" not in schema or {"enum", "const"} & schema.keys():
         return
+    if "format" in schema:
+        raise GrammarError("a string with both a format and minLength/maxLength: the grammar enforces only the "
+                           "format; drop the length")
     low = _length(schema.pop("minLength", 0), "minLength")
     high = _length(schema.pop("maxLength"), "maxLength") if "maxLength" in schema else None
     for name, bound in (("minLength", low), ("maxLength", high)):  # before a pattern of it is even parsed
@@ -96,6 +163,8 @@ def _string_bounds(schema: dict[str, Any]) -> None:
 
 
 def _length(value: Any, name: str) -> int:
+    if isinstance(value, float) and value.is_integer():  # JSON Schema counts 5.0 as an integer
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise GrammarError(f"{name} must be a non-negative integer, not {json.dumps(value)[:40]}")
     return value

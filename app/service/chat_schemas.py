@@ -60,6 +60,13 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
 
 
+def number(low: float, high: float, description: str, above: bool = False) -> Any:
+    """An optional sampling number from ``low`` (or above it) to ``high``: a JSON number only, finite (a string,
+    true or NaN is a 400 saying so, not a number guessed at)."""
+    bounds = {"gt": low} if above else {"ge": low}
+    return Field(None, strict=True, allow_inf_nan=False, le=high, description=description, **bounds)
+
+
 class ChatCompletionRequest(BaseModel):
     """System messages, then one user turn with one image of a diagram and optionally the instruction as text.
 
@@ -75,18 +82,18 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="cap on generated tokens; above "
                                               "MAX_NEW_TOKENS it is MAX_NEW_TOKENS (default)")
     max_tokens: int | None = Field(None, ge=1, description="older name of max_completion_tokens")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy (the default); above 0 "
-                                      "the answer is sampled (below 1e-5: greedy, as vLLM)")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling, when sampling")
+    temperature: float | None = number(0, 2, "0 or absent: greedy (the default); above 0 the answer is sampled "
+                                       "(below 1e-5: greedy, as vLLM)")
+    top_p: float | None = number(0, 1, "nucleus sampling, when sampling", above=True)
     top_k: int | None = Field(None, ge=-1, description="extension (vLLM's): sample among the k most likely "
                               "tokens; 0 or -1: all")
     seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 64 - 1,
                              description="makes a sampled answer reproducible on the same device")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="as OpenAI defines it")
-    repetition_penalty: float | None = Field(None, ge=0.01, le=10, description="extension (vLLM's): above 1 "
-                                             "discourages tokens of the prompt and of the answer so far (below "
-                                             "0.01 a logit divided by it overflows)")
+    frequency_penalty: float | None = number(-2, 2, "as OpenAI defines it")
+    presence_penalty: float | None = number(-2, 2, "as OpenAI defines it")
+    repetition_penalty: float | None = number(0.01, 10, "extension (vLLM's): above 1 discourages tokens of the "
+                                              "prompt and of the answer so far (below 0.01 a logit divided by it "
+                                              "overflows)")
     response_format: ResponseFormat | None = Field(None, description="text (default), json_object, or "
                                                    "json_schema: the answer is decoded under a grammar built from "
                                                    "the schema, so it is valid JSON for it")
