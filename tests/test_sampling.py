@@ -220,6 +220,7 @@ def test_a_job_with_a_schema_that_cannot_be_used_is_refused_at_submission(tiny_c
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uses uniqueItems"),
     ({"type": "object", "required": ["answer"]}, "required names answer"),
     ({"allOf": [{"type": "object"}, {"type": "object"}]}, "uses allOf"),
+    ({"allOf": [{"allOf": [{"type": "integer", "not": {"const": 1}}]}]}, "uses not"),
     ({"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}, "uses if/then/else"),
     ({"type": "string", "pattern": "^a(?=b)c$"}, "lookaround or a backreference"),
     ({"$ref": "http://example.com/x.json"}, "only local references"),

@@ -61,10 +61,10 @@ def _walk(node: Any, cost: list[int]) -> Any:
         return [_walk(item, cost) for item in node]
     if not isinstance(node, dict):
         return node
-    for keyword, said in UNENFORCED.items():
+    node = _plain(node)
+    for keyword, said in UNENFORCED.items():  # after _plain: an allOf's one schema is this node now
         if keyword in node and not (keyword == "uniqueItems" and node[keyword] is False):
             raise GrammarError(f"the JSON schema uses {said}, which the grammar cannot enforce")
-    node = _plain(node)
     rewritten = {}
     for key, value in node.items():
         if key in DATA_KEYWORDS or key.startswith("x-"):
@@ -89,6 +89,12 @@ def _plain(node: dict[str, Any]) -> dict[str, Any]:
     """The forms xgrammar would read wrongly, said plainly: a type list holding "string" with string keywords as
     anyOf (the string branch then gets its bounds as a pattern), oneOf as anyOf, an allOf of one as that one;
     a larger allOf, a required name the object does not declare, and a non-local $ref refused."""
+    while "allOf" in node:  # an allOf of one schema is that schema (pydantic wraps a $ref so), nested ones too
+        parts = node["allOf"]
+        if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], dict) \
+                or set(parts[0]) & (set(node) - {"allOf"}):
+            raise GrammarError("the JSON schema uses allOf, which the grammar cannot enforce (beyond one schema)")
+        node = {**{key: value for key, value in node.items() if key != "allOf"}, **parts[0]}
     types = node.get("type")
     if isinstance(types, list) and "string" in types and any(key in node for key in STRING_KEYWORDS):
         common = {key: value for key, value in node.items() if key != "type" and key not in STRING_KEYWORDS}
@@ -97,12 +103,6 @@ def _plain(node: dict[str, Any]) -> dict[str, Any]:
         node = {"anyOf": [string, {**common, "type": others if len(others) != 1 else others[0]}]} if others else string
     if "oneOf" in node and "anyOf" not in node:
         node = {("anyOf" if key == "oneOf" else key): value for key, value in node.items()}
-    if "allOf" in node:
-        parts = node["allOf"]
-        if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], dict) \
-                or set(parts[0]) & (set(node) - {"allOf"}):
-            raise GrammarError("the JSON schema uses allOf, which the grammar cannot enforce (beyond one schema)")
-        node = {**{key: value for key, value in node.items() if key != "allOf"}, **parts[0]}
     required, declared = node.get("required"), node.get("properties")
     if isinstance(required, list) and required:
         missing = [name for name in required if not isinstance(declared, dict) or name not in declared]
