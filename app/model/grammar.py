@@ -73,7 +73,14 @@ class Grammars:
 
     def compile(self, wanted: JsonFormat, timeout_s: float = COMPILE_TIMEOUT_S) -> Any:
         """A compiled grammar for JSON matching the schema (blocks the calling thread, not the event loop).
-        GrammarError: unusable schema; OverloadedError: compiles are backed up, or this one is not done in time."""
+        GrammarError (naming the request's field): unusable schema; OverloadedError: compiles are backed up, or
+        this one is not done in time."""
+        try:
+            return self._compile(wanted, timeout_s)
+        except GrammarError as error:  # a fresh one: waiters of one compile share its exception, not their field
+            raise GrammarError(str(error), error.param or wanted.param) from None
+
+    def _compile(self, wanted: JsonFormat, timeout_s: float) -> Any:
         try:
             sent = len(json.dumps(wanted.schema, separators=(",", ":")))  # as the client wrote it, less blanks
             if sent > MAX_SCHEMA_CHARS:

@@ -21,6 +21,8 @@ import re
 import re._parser as regex_parser  # Python's own regex parser: the shape of a pattern, to price it
 from typing import Any
 
+from app.errors import InvalidRequestError
+
 MAX_REPEAT = 2_000
 MAX_REPEAT_COST = MAX_REPEAT ** 2
 # Keywords whose values are data, not schemas (never rewritten, refused or priced); keys starting "x-" too.
@@ -37,12 +39,12 @@ STRING_KEYWORDS = ("minLength", "maxLength", "pattern", "format")
 _COUNTED_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
-class GrammarError(ValueError):
-    """The schema cannot be used (the message says why, for a 400 naming ``param``, the request's field)."""
+class GrammarError(InvalidRequestError):
+    """The schema cannot be used: a 400 saying why, naming ``param`` (the request's field; Grammars.compile and the
+    matcher fill it in)."""
 
     def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param=param)
 
 
 def prepared_schema(schema: Any) -> tuple[Any, int]:

@@ -9,37 +9,37 @@ from app.errors import InvalidRequestError, PayloadTooLargeError
 _PART = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")  # ASCII digits: \d would take "٣" too
 
 
-def first_page(spec: str) -> int:
-    """The lowest page ``spec`` names (its syntax checked), to decode first and learn the page count from."""
-    spec = spec.strip().lower()
-    if spec == "all":
-        return 1
-    firsts = []
+def _ranges(spec: str) -> list[tuple[int, int]]:
+    """(first, last) of each part of ``spec`` (lower-cased, not "all"); a 400 for a part that is not a page or a
+    range."""
+    ranges = []
     for part in spec.split(","):
         match = _PART.match(part)
         if not match:
             raise InvalidRequestError(f"pages={spec!r}: use a page (3), a range (2-4), a list (1,3-5) or all",
                                       param="pages")
-        firsts.append(int(match.group(1)))
+        ranges.append((int(match.group(1)), int(match.group(2) or match.group(1))))
+    return ranges
+
+
+def first_page(spec: str) -> int:
+    """The lowest page ``spec`` names (its syntax checked), to decode first and learn the page count from."""
+    spec = spec.strip().lower()
+    if spec == "all":
+        return 1
+    firsts = [first for first, _ in _ranges(spec)]
     if min(firsts) < 1:
         raise InvalidRequestError(f"pages={spec!r}: pages count from 1", param="pages")
     return min(firsts)
 
 
 def names_several_pages(spec: str) -> bool:
-    """Whether ``spec`` (its syntax checked by first_page) surely names more than one page; what "all" names
-    only the file tells."""
+    """Whether ``spec`` surely names more than one page; what "all" names only the file tells."""
     spec = spec.strip().lower()
     if spec == "all":
         return False
-    pages = set()
-    for part in spec.split(","):
-        match = _PART.match(part)
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if last > first:
-            return True
-        pages.add(first)
-    return len(pages) > 1
+    ranges = _ranges(spec)
+    return any(last > first for first, last in ranges) or len({first for first, _ in ranges}) > 1
 
 
 def select_pages(spec: str, page_count: int, max_pages: int) -> list[int]:
@@ -50,12 +50,7 @@ def select_pages(spec: str, page_count: int, max_pages: int) -> list[int]:
         pages = list(range(1, page_count + 1))
     else:
         pages, seen = [], set()
-        for part in spec.split(","):
-            match = _PART.match(part)
-            if not match:
-                raise InvalidRequestError(f"pages={spec!r}: use a page (3), a range (2-4), a list (1,3-5) or all",
-                                          param="pages")
-            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        for first, last in _ranges(spec):
             if first < 1 or last < first:
                 raise InvalidRequestError(f"pages={spec!r}: pages count from 1, ranges go upwards", param="pages")
             if last > page_count:

@@ -20,7 +20,7 @@ from app.metrics import Metrics, cuda_in_use, gpu_memory_bytes
 from app.model.decode_paths import DECODE_MODES
 from app.model.device import Placement, resolve_placement
 from app.model.engine import Engine, EngineLimits, GenerationResult, PromptTooLongError, ServingDefaults
-from app.model.grammar import GrammarError, JsonFormat
+from app.model.grammar import JsonFormat
 from app.model.loader import load_model
 from app.model.sampling import GREEDY, RowSampler, SamplingParams
 from app.model.scheduler import generate
@@ -246,10 +246,8 @@ class InferenceService:
         submission should wait, the job's run tells instead."""
         if self.runner.state != ModelState.ready:
             return
-        try:
+        try:  # a GrammarError is the submission's 400
             await asyncio.to_thread(self.runner.engine.compile_grammar, wanted, JOB_SCHEMA_CHECK_S)
-        except GrammarError as error:
-            raise InvalidRequestError(str(error), param=wanted.param) from None
         except OverloadedError:  # compiles backed up or slow: it lands in the cache, or the job's run compiles it
             pass
 
@@ -424,8 +422,6 @@ class InferenceService:
             return inputs, engine.sampler(inputs, params.sampling, params.json_format)
         except PromptTooLongError as error:
             raise InvalidRequestError(str(error)) from None
-        except GrammarError as error:
-            raise InvalidRequestError(str(error), param=params.json_format.param) from None
 
     async def _decode(self, data: bytes, engine: Engine, page: int, deadline: float) -> PreparedImage:
         """Decode in a worker process, within the request's deadline."""

@@ -15,13 +15,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from app.errors import (
     DeadlineExceededError,
-    InvalidRequestError,
     ModelLoadError,
     NotReadyError,
     OverloadedError,
     one_line,
 )
-from app.model.grammar import GrammarError
 from app.model.scheduler import DEFAULT_DECODING_PREFILL_TOKEN_BUDGET, DEFAULT_PREFILL_TOKEN_BUDGET, Scheduler
 from app.model.sequence import GenerationResult, PreparedInputs, Sequence
 
@@ -295,8 +293,6 @@ class Runner:
                                                 f"generating, {timeout_s:.1f} s after it was queued") from None
                 if tokens:
                     yield tokens
-                if isinstance(delivery.outcome, GrammarError):  # its schema admits no answer: the client's 400
-                    raise InvalidRequestError(str(delivery.outcome), param=delivery.outcome.param)
                 if isinstance(delivery.outcome, BaseException):
                     raise delivery.outcome
                 if delivery.outcome is not None:
