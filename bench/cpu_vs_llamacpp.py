@@ -168,7 +168,8 @@ def run_llama(binaries: Path, files: dict[str, Path], kind: str, image: Path, ar
 
 def run_ours(model_dir: Path, quantization: str, image: Path, args) -> dict:
     output, rss = timed_process([PYTHON, HERE / "ours_diagram.py", model_dir, image, "--quantization", quantization,
-                                 "--new-tokens", args.new_tokens, "--threads", args.threads, "--prompt", args.prompt])
+                                 "--new-tokens", args.new_tokens, "--threads", args.threads, "--prompt", args.prompt,
+                                 "--dtype", args.dtype])
     result = json.loads(output.strip().splitlines()[-1])
     result["peak_rss_mb"] = rss
     return result
@@ -194,6 +195,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--prompt", default="Extract the table.")
+    parser.add_argument("--dtype", default="auto", help="ours: TORCH_DTYPE (auto: what the service picks on this CPU: "
+                        "bfloat16 where it is native, else float32)")
     parser.add_argument("--prepare-only", action="store_true", help="build, convert and quantize, then stop")
     args = parser.parse_args()
     pairs = [tuple(pair.split(":")) for pair in args.pairs.split(",")]
@@ -227,6 +230,8 @@ def main() -> None:
           "| peak RSS MB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for (engine, precision), row in median.items():
+        if engine == "ours":  # the dtype auto chose with the quantization, e.g. float32+int4-decode
+            precision = results[(engine, precision)][0]["precision"]
         print(f"| {engine} | {precision} | {row['vision_s']:.1f} | {row['prefill_tok_s']:.1f} | "
               f"{row['decode_tok_s']:.2f} | {row['diagram_s']:.1f} | {row['peak_rss_mb']:.0f} |")
     print("\n| pair | vision (llama / ours) | prefill (ours / llama) | decode (ours / llama) | diagram (llama / ours) |")

@@ -6,7 +6,9 @@ batch sizes given, with ``--kv`` tokens in each row's slot (the keys are whateve
 time does not depend on their values). Then each path's startup check (decode_paths.py) on this model and
 dtype: the largest logit difference from the model's own forward, as a share of the logit scale, against
 the tolerance the service applies. And the process's RSS before and after the fusion (it must not grow: the
-modules' weights become views of the fused ones). With ``--quantization int4`` (or int8) the language model decodes with QUANTIZATION's low-bit copies.
+modules' weights become views of the fused ones). With ``--quantization int4`` (or int8) the language model decodes
+with QUANTIZATION's low-bit copies. "fused-eager, token-major cache" is the fused step over the cache laid out as
+on CUDA rather than the CPU's head-major layout (kvcache.py).
 
     python bench/decode_step_bench.py                          # Qwen3-VL-2B dimensions, random weights, bf16
     python bench/decode_step_bench.py --config bench/qwen3_vl_mid_config.json --dtype float32
@@ -24,9 +26,10 @@ import torch
 from random_model import FULL_SIZE_CONFIG, build_config, build_model, tokenizer_and_processor
 
 from app.model import decode_context, decode_paths, int4, quantize  # random_model put the repository root on sys.path
-from app.model.decode_paths import ALL_PATHS, TOLERANCE, check_decoding
+from app.model.decode_paths import ALL_PATHS, check_decoding, check_tolerance
 from app.model.device import Placement
 from app.model.engine import Engine, EngineLimits, ServingDefaults
+from app.model.kvcache import SlotKVCache
 from app.model.loader import LoadedModel
 from app.model.quantize import quantize_int4_decode, quantize_int8_decode
 
@@ -34,10 +37,14 @@ MODES = ("modules-eager", "fused-eager")
 # With --quantization: the fused step reading the original weights instead of the low-bit copies, as the prefill
 # does (what a decoding step of many rows would gain or lose by it).
 ORIGINAL_WEIGHTS = "fused-eager, original weights"
+# The fused step over the cache as CUDA lays it out (each position's heads side by side) instead of the CPU's
+# head-major one (kvcache.py): what the layout is worth to the CPU's attention.
+TOKEN_MAJOR = "fused-eager, token-major cache"
 QUANTIZE = {"int4": (quantize_int4_decode, "int4-decode"), "int8": (quantize_int8_decode, "int8-decode")}
 
 
-def use_mode(engine: Engine, mode: str) -> None:
+def use_mode(engine: Engine, mode: str, caches: dict[bool, SlotKVCache]) -> None:
+    engine.cache = caches[mode != TOKEN_MAJOR]  # keyed by head_major
     engine.use_decode_path(next(path for path in ALL_PATHS if path.mode == mode.split(",")[0]))
     reads_low_bits = (lambda: False) if mode == ORIGINAL_WEIGHTS else decode_context.in_decoding_step
     int4.in_decoding_step = quantize.in_decoding_step = reads_low_bits
@@ -107,11 +114,12 @@ def main() -> None:
     print(f"{Path(args.config).name}, {args.dtype}{'+' + quantization if quantization else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.kv} tokens in each slot; RSS {before:.0f} MB before the fusion, {after:.0f} MB after "
           "(less the KV cache and the logits buffer)", flush=True)
-    modes = MODES + ((ORIGINAL_WEIGHTS,) if quantization else ())
+    modes = MODES + ((ORIGINAL_WEIGHTS,) if quantization else ()) + (TOKEN_MAJOR,)
+    caches = {True: engine.cache, False: SlotKVCache(engine.cache.shape, dtype, "cpu", head_major=False)}
     timings: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
         for mode in modes:
-            use_mode(engine, mode)
+            use_mode(engine, mode, caches)
             for rows in levels:
                 timings.setdefault((mode, rows), []).append(time_steps(engine, rows, args.kv, args.steps))
         print(f"  round {round_index + 1}/{args.rounds}: " + ", ".join(
@@ -123,11 +131,11 @@ def main() -> None:
         for mode in modes:
             median = statistics.median(timings[(mode, rows)])
             print(f"| {mode} | {rows} | {median * 1000:.1f} | {rows / median:.2f} | {base / median:.2f}x |")
-    print(f"\nstartup check on this model (tolerance {TOLERANCE.get(dtype, 0.05):g} of the logit scale):")
+    print(f"\nstartup check on this model (tolerance {check_tolerance(engine):g} of the logit scale):")
     print("| path | verdict | largest difference / logit scale |")
     print("|---|---|---:|")
     for mode in MODES:
-        use_mode(engine, mode)
+        use_mode(engine, mode, caches)
         verdict, margin = check_margin(engine)
         print(f"| {mode} | {verdict} | {margin:.4f} |", flush=True)
 

@@ -1,6 +1,7 @@
 """One diagram through our engine, timed phase by phase, as the service runs it; prints one JSON line.
 
-Loads a saved model folder with the service's own loader (TORCH_DTYPE, QUANTIZATION as given; no adapter),
+Loads a saved model folder with the service's own loader (TORCH_DTYPE, auto by default, and QUANTIZATION as given;
+no adapter),
 chooses the decoding path with the service's startup check (not timed), then: the vision encoder, the rest of
 the prefill, and ``--new-tokens`` decoding steps forced past any end token. bench/cpu_vs_llamacpp.py runs it once
 per precision, in a process of its own so that its peak RSS is its own.
@@ -22,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from app.model.device import Placement  # noqa: E402
+from app.model.device import resolve_placement  # noqa: E402
 from app.model.engine import Engine, EngineLimits, ServingDefaults  # noqa: E402
 from app.model.loader import load_model  # noqa: E402
 from app.model.sequence import Sequence  # noqa: E402
-from app.settings import Settings  # noqa: E402
+from app.settings import Settings, TorchDType  # noqa: E402
 
 
 class Stopwatch:
@@ -44,7 +45,8 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("image")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", choices=[dtype.value for dtype in TorchDType],
+                        help="TORCH_DTYPE; auto: what the service picks on this CPU (bfloat16 only where native)")
     parser.add_argument("--prompt", default="Extract the table.")
     parser.add_argument("--new-tokens", type=int, default=300)
     parser.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: the service's)")
@@ -60,7 +62,7 @@ def main() -> None:
     settings = Settings(base_model_id=args.model_dir, adapter_path=Path(args.model_dir) / "no-adapter",
                         require_adapter=False, device="cpu", torch_dtype=args.dtype, quantization=args.quantization)
     started = time.perf_counter()
-    loaded = load_model(settings, Placement("cpu", getattr(torch, args.dtype)))
+    loaded = load_model(settings, resolve_placement(settings.device, settings.torch_dtype))
     engine = Engine(loaded, ServingDefaults(args.prompt, args.new_tokens, 1024), repetition_guard=None,
                     force_max_new_tokens=True, limits=EngineLimits(max_rows=1, max_prompt_tokens=256))
     engine.choose_decode_path()

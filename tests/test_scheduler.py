@@ -17,7 +17,9 @@ from PIL import Image
 
 from app.http.app import create_app
 from app.model.device import resolve_placement
+from app.model.decode_step import DecodeStep
 from app.model.engine import Engine, EngineLimits, PromptTooLongError, ServingDefaults
+from app.model.kvcache import SlotKVCache
 from app.model.loader import load_model
 from app.model.scheduler import Scheduler, generate
 from app.model.sequence import Sequence
@@ -325,14 +327,20 @@ def path_named(mode: str):
     return next(path for path in ALL_PATHS if path.mode == mode)
 
 
-@pytest.mark.parametrize("mode,overlap", [("fused-eager", False), ("modules-eager", False), ("sdpa-graphs", False),
-                                          ("sdpa-graphs", True), ("fused-eager", True)])
-def test_every_decode_path_gives_generates_tokens_staggered_with_a_cancelled_row(loaded, references, mode, overlap):
+@pytest.mark.parametrize("mode,overlap,head_major", [
+    ("fused-eager", False, True), ("modules-eager", False, True), ("sdpa-graphs", False, True),
+    ("sdpa-graphs", True, False), ("fused-eager", True, False), ("fused-eager", False, False)])
+def test_every_decode_path_gives_generates_tokens_staggered_with_a_cancelled_row(loaded, references, mode, overlap,
+                                                                                  head_major):
     """sdpa-graphs runs as its graphs would (full padded bucket, whole slot, warm-up garbage left in the idle
     slots), eagerly: with 4 slots, 3 rows pad to a bucket of 4. With overlap (the CUDA default) each step is
     launched before the previous one's tokens are read: rows stop, are cancelled, compact and join a step
-    late on the device, and not one token differs."""
+    late on the device, and not one token differs. In both cache layouts: head-major (the CPU's) and
+    token-major (CUDA's), the prefill's writes, the steps' writes and the compaction's moves all included."""
     engine = make_engine(loaded, rows=4)
+    assert engine.cache.head_major  # on the CPU
+    if not head_major:
+        engine.cache = SlotKVCache(engine.cache.shape, engine.model.dtype, "cpu", head_major=False)
     engine.use_decode_path(path_named(mode), emulate_graphs=True)
     engine.overlap = overlap
     scheduler = Scheduler(engine)
@@ -352,6 +360,19 @@ def test_every_decode_path_gives_generates_tokens_staggered_with_a_cancelled_row
     for index in (0, 1, 3, 4):
         assert sequences[index].tokens == references[index][:lengths[index]], f"request {index}"
     assert engine.slots_in_use == 0
+
+
+def test_on_the_cpu_each_heads_history_is_one_dense_run_and_flash_refuses_that_layout(loaded):
+    engine = make_engine(loaded)
+    keys = engine.cache.keys  # [layer, slot, position, kv_head, dim], whatever the layout
+    history = keys[0, 1, :10].transpose(0, 1)  # slot 1's first 10 keys per head, as the attention reads them
+    assert history.stride()[1:] == (keys.shape[-1], 1) and history[0].is_contiguous()
+    head = keys.shape[3] - 1
+    keys[0, 1, 3, head] = 7.0  # a write through the view lands where the reads find it
+    assert bool((history[head, 3] == 7.0).all()) and int((keys == 7.0).sum()) == keys.shape[-1]
+    keys[0, 1, 3, head] = 0.0
+    with pytest.raises(ValueError, match="token-major"):
+        DecodeStep(engine.model, engine.cache, None, "flash")
 
 
 def test_the_fused_layer_launches_a_third_of_the_modules_kernels(loaded):

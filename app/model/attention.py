@@ -23,7 +23,8 @@ def pinned_sdpa():
 
 def sdpa_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
                 scale: float) -> torch.Tensor:
-    """query ``[n, heads, dim]``; keys/values ``[n, span, kv_heads, dim]`` (the slots); visible ``[n, span]``.
+    """query ``[n, heads, dim]``; keys/values ``[n, span, kv_heads, dim]`` (views of the slots: head-major in
+    memory on the CPU, kvcache.py, so each head's keys are read as one dense run); visible ``[n, span]``.
 
     The query heads sharing a KV head become that head's query "positions", so the cache is read as it is,
     never repeated per query head. Returns ``[n, heads * dim]``."""

@@ -56,6 +56,8 @@ class RopeTable:
 class DecodeStep:
     def __init__(self, model: Any, cache: SlotKVCache, fused: list[FusedLayer] | None = None,
                  attention: str = "sdpa"):
+        if attention == "flash" and cache.head_major:
+            raise ValueError("FlashAttention reads a token-major cache (attention.py); this one is head-major")
         self.text = model.model.language_model
         self.lm_head = model.lm_head
         self.cache = cache

@@ -111,7 +111,7 @@ class Engine:
             CacheShape(layers=text_config.num_hidden_layers, slots=limits.max_rows,
                        slot_tokens=self.max_image_tokens + limits.max_prompt_tokens + defaults.max_new_tokens,
                        kv_heads=text_config.num_key_value_heads, head_dim=attention.head_dim),
-            dtype=self.model.dtype, device=self.model.device)
+            dtype=self.model.dtype, device=self.model.device, head_major=self.model.device.type == "cpu")
         self.fused_layers = fuse_layers(self.model)  # the modules' weights become views: nothing held twice
         self._step = DecodeStep(self.model, self.cache, self.fused_layers)
         self._run_step: Any = self._step.run

@@ -43,9 +43,14 @@ class Int8DecodeLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not in_decoding_step():
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # no op dispatched that does nothing (int4.py)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        out = out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         return out if self.bias is None else out + self.bias
 
 
