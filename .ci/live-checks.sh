@@ -42,8 +42,11 @@ curl -fsS "$BASE/health" >/dev/null || { echo "service never became healthy"; ca
 echo "--- schemathesis: no 5xx, every response matches its documented schema"
 # positive_data_acceptance is excluded: the schema says "a binary file", and random bytes are
 # schema-valid yet rightly refused (415/400) - no OpenAPI schema can say "a decodable image".
+# One worker: with two threads, hypothesis' ast.parse of its filter lambdas now and then raised "SystemError: AST
+# constructor recursion depth mismatch" inside schemathesis (CPython gh-106905, a threaded race fixed after this
+# machine's 3.11.7), which fails the run with nothing wrong on the service's side (seen once, 2026-12-08).
 "$VENV/bin/st" run "$BASE/openapi.json" --checks all --exclude-checks positive_data_acceptance \
-  --max-examples 100 --workers 2 --suppress-health-check all
+  --max-examples 100 --workers 1 --suppress-health-check all
 
 echo "--- a few requests, so every metric has data"
 "$VENV/bin/python" - "$ART/diagram.png" <<'PY'
